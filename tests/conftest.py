@@ -32,8 +32,14 @@ def tiny_config(kind: str):
     if kind == "llama":
         return tf.LlamaConfig(**TINY_COMMON, rope_theta=10000.0, tie_word_embeddings=True)
     if kind == "llama31":
-        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
         return tf.LlamaConfig(**TINY_COMMON, rope_parameters=rope, tie_word_embeddings=False)
     if kind == "mistral":
         return tf.MistralConfig(**TINY_COMMON, rope_theta=10000.0, sliding_window=None)

@@ -28,7 +28,12 @@ def test_tiny_spec_and_weights(tiny_model_dir, kind):
 def test_smollm2_spec(smollm2_dir):
     s = load_spec(smollm2_dir)
     assert (s.architecture, s.num_layers, s.num_heads, s.num_kv_heads, s.hidden_size) == (
-        "LlamaForCausalLM", 30, 9, 3, 576)
+        "LlamaForCausalLM",
+        30,
+        9,
+        3,
+        576,
+    )
     assert s.eos_token_ids and s.tie_word_embeddings
 
 

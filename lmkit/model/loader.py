@@ -37,7 +37,7 @@ def resolve_model_path(model: str | Path | None) -> Path:
         raise ModelLoadError(f"model path '{model}' does not exist (give a HF checkpoint folder or a .gguf file)")
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ModelLoadError(f"'{model}' is a file but not a .gguf file; give a HF checkpoint folder or a GGUF file")
+            raise ModelLoadError(f"'{model}' is neither a .gguf file nor a HF checkpoint folder")
         return convert_gguf(path)
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"'{model}' has no config.json: not a HF checkpoint folder")

@@ -1,0 +1,189 @@
+"""Generation speed over a batch × input × output grid: lmkit's engines and HF transformers, same weights, one run.
+
+Each cell submits `batch` requests of `input_len` random token ids, greedy, exactly `output_len` new tokens
+(EOS ignored), and reports time to first token, decode time per output token, and output throughput.
+
+    python benchmark/profile_generation.py --backends pytorch,turbo,hf --batch 1,8,32 --io 64x128
+    python benchmark/profile_generation.py --device cuda --dtype bfloat16 --batch 1,16,64,256 \\
+        --io 128x128,128x2048,2048x128 --markdown docs/results.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lmkit.frontend.protocol import EngineRequest, SamplingParams  # noqa: E402
+from lmkit.model.loader import resolve_model_path  # noqa: E402
+
+
+@dataclass
+class Cell:
+    backend: str
+    batch: int
+    input_len: int
+    output_len: int
+    ttft_ms: float
+    decode_ms_per_token: float
+    output_tok_s: float
+    peak_mem_gib: float
+
+
+def _peak_mem_gib(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _prompts(batch: int, input_len: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab - 100, (batch, input_len), generator=g).tolist()
+
+
+def run_engine(engine, backend: str, batch: int, input_len: int, output_len: int, device: str, seed: int) -> Cell:
+    prompts = _prompts(batch, input_len, engine.vocab_size, seed)
+    params = SamplingParams(max_new_tokens=output_len, temperature=0.0, ignore_eos=True)
+    t0 = time.perf_counter()
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for i, p in enumerate(prompts):
+        engine.add_request(EngineRequest(f"{backend}-{seed}-{i}", p, params))
+    while len(last) < batch:
+        for out in engine.get_outputs(timeout=1.0):
+            now = time.perf_counter()
+            if out.error:
+                raise RuntimeError(out.error)
+            first.setdefault(out.request_id, now)
+            counts[out.request_id] = counts.get(out.request_id, 0) + len(out.new_token_ids)
+            if out.finished:
+                last[out.request_id] = now
+    total = max(last.values()) - t0
+    assert all(c == output_len for c in counts.values()), f"{backend}: wrong token counts {set(counts.values())}"
+    ttft = statistics.mean(first.values()) - t0
+    decode = statistics.mean((last[r] - first[r]) / max(output_len - 1, 1) for r in last)
+    return Cell(
+        backend,
+        batch,
+        input_len,
+        output_len,
+        ttft * 1e3,
+        decode * 1e3,
+        batch * output_len / total,
+        _peak_mem_gib(device),
+    )
+
+
+def run_hf(model, batch: int, input_len: int, output_len: int, device: str, seed: int) -> Cell:
+    ids = torch.tensor(_prompts(batch, input_len, model.config.vocab_size, seed), device=device)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+    ttft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=output_len, min_new_tokens=output_len, **kw)
+    total = time.perf_counter() - t0
+    assert out.shape[1] == input_len + output_len
+    decode = (total - ttft) / max(output_len - 1, 1)
+    return Cell(
+        "hf", batch, input_len, output_len, ttft * 1e3, decode * 1e3, batch * output_len / total, _peak_mem_gib(device)
+    )
+
+
+def make_engine(backend: str, model_path, args):
+    from lmkit.engines import create_engine
+
+    from lmkit.messages import PytorchEngineConfig, TurboEngineConfig
+
+    common = dict(
+        device=args.device,
+        dtype=args.dtype,
+        max_batch_size=max(args.batch),
+        session_len=max(i + o for i, o in args.io) + 8,
+    )
+    if backend == "turbo":
+        cfg = TurboEngineConfig(**common, cache_max_entry_count=args.cache_max_entry_count)
+    else:
+        cfg = PytorchEngineConfig(**common, cache_max_entry_count=args.cache_max_entry_count)
+    engine, _ = create_engine(model_path, backend, cfg)
+    return engine
+
+
+def load_hf(model_path, args):
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"auto": torch.float32 if args.device == "cpu" else torch.bfloat16}.get(args.dtype) or getattr(
+        torch, args.dtype
+    )
+    return AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype).to(args.device).eval()
+
+
+def format_table(cells: list[Cell]) -> str:
+    head = "| backend | batch | in | out | TTFT (ms) | decode (ms/token) | output tok/s | peak mem (GiB) |"
+    rows = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in cells:
+        rows.append(
+            f"| {c.backend} | {c.batch} | {c.input_len} | {c.output_len} | {c.ttft_ms:.1f} | "
+            f"{c.decode_ms_per_token:.2f} | {c.output_tok_s:.1f} | {c.peak_mem_gib:.2f} |"
+        )
+    return "\n".join(rows)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="HF folder or GGUF file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--backends", default="pytorch,turbo,hf", help="comma list of pytorch, turbo, hf")
+    p.add_argument("--batch", default="1,8,32", help="comma list of batch sizes")
+    p.add_argument("--io", default="64x128", help="comma list of INPUTxOUTPUT lengths")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--cache-max-entry-count", type=float, default=0.5)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
+    p.add_argument("--markdown", default=None, help="append the table to this file")
+    args = p.parse_args(argv)
+    args.batch = [int(b) for b in args.batch.split(",")]
+    args.io = [tuple(int(x) for x in s.split("x")) for s in args.io.split(",")]
+    args.backends = args.backends.split(",")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_path = resolve_model_path(args.model)
+    cells: list[Cell] = []
+    for backend in args.backends:
+        runner = load_hf(model_path, args) if backend == "hf" else make_engine(backend, model_path, args)
+        for input_len, output_len in args.io:
+            for batch in args.batch:
+                seed = batch * 7919 + input_len
+                if backend == "hf":
+                    run_hf(runner, 1, 8, 4, args.device, seed)  # warm-up
+                    cell = run_hf(runner, batch, input_len, output_len, args.device, seed)
+                else:
+                    run_engine(runner, backend, 1, 8, 4, args.device, seed + 1)  # warm-up
+                    cell = run_engine(runner, backend, batch, input_len, output_len, args.device, seed)
+                print(format_table([cell]).splitlines()[-1], flush=True)
+                cells.append(cell)
+        if backend != "hf":
+            runner.shutdown()
+        del runner
+    table = format_table(cells)
+    print("\n" + table)
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
