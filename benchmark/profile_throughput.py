@@ -1,0 +1,128 @@
+"""Offline throughput: all requests submitted at once; lmkit's engines and HF transformers on the same weights.
+
+ShareGPT mode (vLLM's convention): prompt = first human turn, output length = the first answer's length in
+tokens, EOS ignored so every request generates exactly that many tokens. Synthetic mode: fixed lengths.
+
+    python benchmark/profile_throughput.py --dataset sharegpt --num-prompts 200 --backends pytorch,turbo,hf
+    python benchmark/profile_throughput.py --dataset synthetic --input-len 128 --output-len 128 --num-prompts 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench_data import BenchRequest, sample_sharegpt, synthetic  # noqa: E402
+from profile_generation import load_hf, make_engine  # noqa: E402
+
+from lmkit.frontend.protocol import EngineRequest, SamplingParams  # noqa: E402
+from lmkit.model.loader import resolve_model_path  # noqa: E402
+
+
+def _token_ids(tokenizer, reqs: list[BenchRequest]) -> list[list[int]]:
+    return [r.prompt if isinstance(r.prompt, list) else tokenizer.encode(r.prompt) for r in reqs]
+
+
+def run_engine(engine, prompts: list[list[int]], reqs: list[BenchRequest]) -> dict:
+    t0 = time.perf_counter()
+    for i, (ids, r) in enumerate(zip(prompts, reqs)):
+        params = SamplingParams(max_new_tokens=r.output_len, temperature=0.0, ignore_eos=True)
+        engine.add_request(EngineRequest(f"tp-{i}", ids, params))
+    done, generated = 0, 0
+    while done < len(reqs):
+        for out in engine.get_outputs(timeout=1.0):
+            if out.error:
+                raise RuntimeError(out.error)
+            generated += len(out.new_token_ids)
+            done += out.finished
+    elapsed = time.perf_counter() - t0
+    return {"elapsed_s": elapsed, "output_tokens": generated, "requests": len(reqs)}
+
+
+def run_hf(model, prompts: list[list[int]], reqs: list[BenchRequest], batch_size: int, device: str) -> dict:
+    """Static batches (left-padded), each generating its longest output; only real tokens are counted."""
+    t0 = time.perf_counter()
+    generated = 0
+    for start in range(0, len(prompts), batch_size):
+        chunk, rs = prompts[start : start + batch_size], reqs[start : start + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        n = max(r.output_len for r in rs)
+        model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+        generated += sum(r.output_len for r in rs)
+    return {"elapsed_s": time.perf_counter() - t0, "output_tokens": generated, "requests": len(reqs)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="HF folder or GGUF file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--backends", default="pytorch,turbo,hf")
+    p.add_argument("--dataset", default="sharegpt", choices=["sharegpt", "synthetic"])
+    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--hf-num-prompts", type=int, default=None, help="HF runs on this many of them (it is slow)")
+    p.add_argument("--hf-batch-size", type=int, default=16)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--max-len", type=int, default=2048, help="ShareGPT: drop pairs longer than this")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--max-batch-size", type=int, default=256)
+    p.add_argument("--cache-max-entry-count", type=float, default=0.8)
+    args = p.parse_args(argv)
+    args.backends = args.backends.split(",")
+    return args
+
+
+def main(argv=None) -> None:
+    from transformers import AutoTokenizer
+
+    args = parse_args(argv)
+    model_path = resolve_model_path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    if args.dataset == "sharegpt":
+        reqs = sample_sharegpt(tokenizer, args.num_prompts, max_len=args.max_len)
+    else:
+        reqs = synthetic(args.num_prompts, args.input_len, args.output_len, len(tokenizer))
+    prompts = _token_ids(tokenizer, reqs)
+    args.io = [(max(len(p) for p in prompts), max(r.output_len for r in reqs))]
+    args.batch = [args.max_batch_size]
+    n_out = sum(r.output_len for r in reqs)
+    print(f"{len(reqs)} requests, {sum(map(len, prompts))} prompt tokens, {n_out} output tokens")
+    rows = []
+    for backend in args.backends:
+        if backend == "hf":
+            k = args.hf_num_prompts or len(reqs)
+            res = run_hf(load_hf(model_path, args), prompts[:k], reqs[:k], args.hf_batch_size, args.device)
+        else:
+            engine = make_engine(backend, model_path, args)
+            run_engine(engine, prompts[:2], [BenchRequest(None, 0, 4)] * 2)  # warm-up
+            res = run_engine(engine, prompts, reqs)
+            engine.shutdown()
+        tps = res["output_tokens"] / res["elapsed_s"]
+        rows.append(
+            f"| {backend} | {res['requests']} | {res['elapsed_s']:.1f} | {res['output_tokens']} | "
+            f"{tps:.1f} | {res['requests'] / res['elapsed_s']:.2f} |"
+        )
+        print(rows[-1], flush=True)
+    print("\n| backend | requests | time (s) | output tokens | output tok/s | req/s |\n|---|---:|---:|---:|---:|---:|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
