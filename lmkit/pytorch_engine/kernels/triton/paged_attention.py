@@ -68,7 +68,7 @@ def _decode_split_kernel(
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=g_mask[:, None], other=0.0)
 
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([GROUP_PAD], tl.float32)
+    l_sum = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     for blk in range(first, last):
         block_id = tl.load(BlockTables + b * stride_bt + blk).to(tl.int64)
@@ -83,7 +83,7 @@ def _decode_split_kernel(
         m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # a fully masked row must not make NaNs
         p = tl.exp(qk - m_safe[:, None])
         alpha = tl.exp(m - m_safe)
-        l = l * alpha + tl.sum(p, 1)
+        l_sum = l_sum * alpha + tl.sum(p, 1)
         v = tl.load(V + block_id * stride_vb + offs_s[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :])
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
@@ -92,7 +92,7 @@ def _decode_split_kernel(
     tl.store(out, acc, mask=g_mask[:, None])
     ml = b * stride_mb + heads * stride_mh + split
     tl.store(MOut + ml, m, mask=g_mask)
-    tl.store(LOut + ml, l, mask=g_mask)
+    tl.store(LOut + ml, l_sum, mask=g_mask)
 
 
 @triton.jit
@@ -118,7 +118,7 @@ def _decode_merge_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     s_mask = offs_s < num_splits
     m = tl.load(MIn + b * stride_mb + h * stride_mh + offs_s, mask=s_mask, other=float("-inf"))
-    l = tl.load(LIn + b * stride_mb + h * stride_mh + offs_s, mask=s_mask, other=0.0)
+    l_sum = tl.load(LIn + b * stride_mb + h * stride_mh + offs_s, mask=s_mask, other=0.0)
     m_max = tl.max(m, 0)
     w = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)
     acc = tl.load(
@@ -126,7 +126,7 @@ def _decode_merge_kernel(
         mask=s_mask[:, None],
         other=0.0,
     )
-    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l_sum * w, 0)
     tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
 
 
@@ -260,7 +260,7 @@ def _prefill_kernel(
     q_pos = q_pos0 + offs_m
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
+    l_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     end = tl.minimum(ctx, q_pos0 + (tile + 1) * BLOCK_M)
     first = 0
@@ -279,11 +279,11 @@ def _prefill_kernel(
         m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
         p = tl.exp(qk - m_safe[:, None])
         alpha = tl.exp(m - m_safe)
-        l = l * alpha + tl.sum(p, 1)
+        l_sum = l_sum * alpha + tl.sum(p, 1)
         v = tl.load(V + block_id * stride_vb + offs_s[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :])
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
-    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
     tl.store(
         Out + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
         out.to(Out.dtype.element_ty),
