@@ -49,6 +49,7 @@ def _decode_split_kernel(
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -73,7 +74,7 @@ def _decode_split_kernel(
     for blk in range(first, last):
         block_id = tl.load(BlockTables + b * stride_bt + blk).to(tl.int64)
         k = tl.load(K + block_id * stride_kb + offs_s[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :])
-        qk = tl.dot(q, tl.trans(k)) * scale
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         pos = blk * BLOCK_SIZE + offs_s
         valid = pos < ctx
         if window > 0:
@@ -85,7 +86,7 @@ def _decode_split_kernel(
         alpha = tl.exp(m - m_safe)
         l_sum = l_sum * alpha + tl.sum(p, 1)
         v = tl.load(V + block_id * stride_vb + offs_s[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :])
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
 
     out = AccOut + b * stride_ab + heads[:, None] * stride_ah + split * stride_as + offs_d[None, :]
@@ -128,6 +129,11 @@ def _decode_merge_kernel(
     )
     out = tl.sum(acc * w[:, None], 0) / tl.sum(l_sum * w, 0)
     tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 products (TF32 would break token parity with fp32 references)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def num_decode_splits(max_blocks_per_seq: int, num_seqs: int, num_kv_heads: int, num_sms: int = 132) -> int:
@@ -188,6 +194,7 @@ def paged_decode_attention(
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
+        PRECISION=_precision(q.dtype),
         num_warps=4,
         num_stages=2,
     )
@@ -239,6 +246,7 @@ def _prefill_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     b = tl.program_id(1)
@@ -269,7 +277,7 @@ def _prefill_kernel(
     for blk in range(first, tl.cdiv(end, BLOCK_SIZE)):
         block_id = tl.load(BlockTables + b * stride_bt + blk).to(tl.int64)
         k = tl.load(K + block_id * stride_kb + offs_s[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :])
-        qk = tl.dot(q, tl.trans(k)) * scale
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         k_pos = blk * BLOCK_SIZE + offs_s
         valid = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < ctx)
         if window > 0:
@@ -281,7 +289,7 @@ def _prefill_kernel(
         alpha = tl.exp(m - m_safe)
         l_sum = l_sum * alpha + tl.sum(p, 1)
         v = tl.load(V + block_id * stride_vb + offs_s[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :])
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
     tl.store(
@@ -337,6 +345,7 @@ def paged_prefill_attention(
         HEAD_DIM=head_dim,
         BLOCK_M=block_m,
         BLOCK_SIZE=block_size,
+        PRECISION=_precision(q.dtype),
         num_warps=4,
         num_stages=2,
     )
