@@ -84,3 +84,13 @@ def test_block_hash_vectors():
         assert root_hash(r["salt"]) == int(r["hash"])
     # the chain depends on the parent: equal blocks at different positions hash differently
     assert hash_block(root_hash(), [1, 2]) != hash_block(hash_block(root_hash(), [1, 2]), [1, 2])
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_dummy_weights_match_real_shapes(tiny_model_dir, kind):
+    real = load_model(tiny_model_dir(kind))
+    dummy = load_model(tiny_model_dir(kind), load_format="dummy")
+    assert real.weights.keys() == dummy.weights.keys()
+    for name, t in real.weights.items():
+        assert dummy.weights[name].shape == t.shape, name
+        assert torch.isfinite(dummy.weights[name]).all()

@@ -122,10 +122,25 @@ def load_weights(path: str | Path, spec: ModelSpec, dtype: torch.dtype = torch.f
     return weights
 
 
-def load_model(model: str | Path | None, dtype: torch.dtype | str = torch.float32) -> LoadedModel:
-    """Resolve, read the spec and load the weights of `model` (None = the default model)."""
+def load_model(
+    model: str | Path | None,
+    dtype: torch.dtype | str = torch.float32,
+    load_format: str = "auto",
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Resolve, read the spec and load the weights of `model` (None = the default model).
+
+    load_format "dummy" makes seeded random weights in the checkpoint's shapes on `device` (the folder
+    needs only config.json); "auto" reads the checkpoint's files onto the CPU.
+    """
     if isinstance(dtype, str):
         dtype = _DTYPES[dtype]
     path = resolve_model_path(model)
     spec = load_spec(path)
+    if load_format == "dummy":
+        from lmkit.model.dummy import dummy_weights
+
+        return LoadedModel(spec=spec, weights=dummy_weights(spec, dtype, device), path=path)
+    if load_format != "auto":
+        raise ModelLoadError(f"unknown load_format {load_format!r}; use 'auto' or 'dummy'")
     return LoadedModel(spec=spec, weights=load_weights(path, spec, dtype), path=path)
