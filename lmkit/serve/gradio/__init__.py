@@ -1,0 +1,1 @@
+"""The gradio chat page (`lmkit serve gradio`)."""

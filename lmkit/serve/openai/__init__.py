@@ -1,0 +1,1 @@
+"""The OpenAI-compatible api_server (`lmkit serve api_server`)."""
