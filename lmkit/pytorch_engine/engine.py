@@ -1,0 +1,274 @@
+"""PytorchEngine: the Engine protocol over a Python loop thread (admit -> schedule -> run -> sample -> emit)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from lmkit.frontend.protocol import (
+    EngineCapabilities,
+    EngineOutput,
+    EngineRequest,
+    EngineStats,
+    FinishReason,
+    InvalidRequestError,
+)
+from lmkit.messages import PytorchEngineConfig
+from lmkit.model.loader import load_model
+from lmkit.pytorch_engine.block_manager import BlockManager
+from lmkit.pytorch_engine.model_runner import ModelRunner, kv_bytes_per_block
+from lmkit.pytorch_engine.sampling import Sampler, SampleRow
+from lmkit.pytorch_engine.scheduler import ScheduledBatch, Scheduler
+from lmkit.pytorch_engine.sequence import Sequence
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_STOP = object()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return _DTYPES[name]
+
+
+class PytorchEngine:
+    """The PyTorch engine. Thread-safe; all model work happens on its own daemon thread."""
+
+    capabilities = EngineCapabilities(supports_lora=False)
+
+    def __init__(self, model_path: str | Path | None, config: PytorchEngineConfig | None = None) -> None:
+        self.config = config = config or PytorchEngineConfig()
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(len(os.sched_getaffinity(0)))
+        loaded = load_model(model_path, dtype=torch.float32)
+        self.spec = loaded.spec
+        self.model_path = loaded.path
+        self.vocab_size = self.spec.vocab_size
+        block_size = config.block_size
+        num_blocks = self._num_blocks(config, kv_bytes_per_block(self.spec, block_size, self.dtype))
+        self.runner = ModelRunner(self.spec, loaded.weights, num_blocks, block_size, self.device, self.dtype)
+        del loaded
+        self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_batch_size, config.max_num_batched_tokens)
+        self.sampler = Sampler(self.device)
+        self.session_len = min(self.spec.max_position_embeddings, config.session_len or sys.maxsize)
+        if num_blocks * block_size < self.session_len:
+            print(
+                f"[lmkit] session_len {self.session_len} capped at the KV pool's {num_blocks * block_size} tokens",
+                file=sys.stderr,
+            )
+            self.session_len = num_blocks * block_size
+        print(
+            f"[lmkit] pytorch engine on {self.device}: {num_blocks} KV blocks x {block_size} = "
+            f"{num_blocks * block_size} tokens, session_len {self.session_len}",
+            file=sys.stderr,
+        )
+
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._outputs: list[EngineOutput] = []
+        self._outputs_ready = threading.Condition(self._lock)
+        self._live_ids: set[str] = set()  # guarded by _lock; for duplicate checks in add_request
+        self._live: dict[str, Sequence] = {}  # the loop thread's own
+        self._stats = EngineStats(num_blocks_total=num_blocks)
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="lmkit-pytorch-engine", daemon=True)
+        self._thread.start()
+
+    def _num_blocks(self, config: PytorchEngineConfig, block_bytes: int) -> int:
+        if config.num_gpu_blocks:
+            return config.num_gpu_blocks
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * config.cache_max_entry_count
+        else:
+            budget = config.cpu_kv_cache_gib * 2**30 * config.cache_max_entry_count
+        return max(1, int(budget // block_bytes))
+
+    # ---- Engine protocol ----
+    def add_request(self, request: EngineRequest) -> None:
+        self._validate(request)
+        seq = Sequence(request.request_id, list(request.prompt_token_ids), request.sampling)
+        seq.max_tokens = min(seq.max_tokens, self.session_len)
+        with self._lock:
+            if request.request_id in self._live_ids:
+                raise InvalidRequestError(f"request id {request.request_id!r} is already running")
+            if not self._running:
+                raise InvalidRequestError("the engine is shut down")
+            self._live_ids.add(request.request_id)
+        self._inbox.put(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        self._inbox.put(request_id)
+
+    def get_outputs(self, timeout: float | None = None) -> list[EngineOutput]:
+        with self._outputs_ready:
+            if not self._outputs:
+                self._outputs_ready.wait(timeout)
+            outputs, self._outputs = self._outputs, []
+        return outputs
+
+    def stats(self) -> EngineStats:
+        s = self._stats
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_blocks_total=bm.num_blocks_total,
+            num_blocks_free=bm.num_blocks_free,
+            num_blocks_cached=bm.num_blocks_cached,
+            num_prefill_tokens=s.num_prefill_tokens,
+            num_generated_tokens=s.num_generated_tokens,
+            num_steps=s.num_steps,
+        )
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if not self._running:
+                return
+            self._running = False
+        self._inbox.put(_STOP)
+        self._thread.join()
+        self.runner = None
+
+    # ---- validation ----
+    def _validate(self, request: EngineRequest) -> None:
+        ids, sp = request.prompt_token_ids, request.sampling
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        if any(not isinstance(t, int) or t < 0 or t >= self.vocab_size for t in ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if len(ids) + 1 > self.session_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens; with one new token it exceeds session_len {self.session_len}"
+            )
+        if sp.max_new_tokens < 1:
+            raise InvalidRequestError(f"max_new_tokens must be >= 1, got {sp.max_new_tokens}")
+        if sp.temperature < 0:
+            raise InvalidRequestError(f"temperature must be >= 0, got {sp.temperature}")
+        if not 0 < sp.top_p <= 1:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {sp.top_p}")
+        if sp.top_k < 0 or not 0 <= sp.min_p <= 1 or sp.repetition_penalty <= 0:
+            raise InvalidRequestError("top_k must be >= 0, min_p in [0, 1], repetition_penalty > 0")
+        if sp.logprobs is not None and not 0 <= sp.logprobs <= self.capabilities.max_top_logprobs:
+            raise InvalidRequestError(f"logprobs must be in [0, {self.capabilities.max_top_logprobs}]")
+        if request.adapter is not None:
+            raise InvalidRequestError("this engine does not support LoRA adapters")
+
+    # ---- the loop ----
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while self._admit(block=not self.scheduler.has_work()):
+                if self.scheduler.has_work():
+                    self._emit(self._step())
+            self._emit([self._end(seq, FinishReason.ABORT) for seq in list(self._live.values())])
+
+    def _admit(self, block: bool) -> bool:
+        """Apply queued adds and aborts, in order; False once shutdown is requested."""
+        outputs = []
+        try:
+            item = self._inbox.get() if block else self._inbox.get_nowait()
+            while True:
+                if item is _STOP:
+                    self._emit(outputs)
+                    return False
+                if isinstance(item, Sequence):
+                    self._live[item.request_id] = item
+                    self.scheduler.add(item)
+                elif item in self._live:
+                    outputs.append(self._end(self._live[item], FinishReason.ABORT))
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+        self._emit(outputs)
+        return True
+
+    def _step(self) -> list[EngineOutput]:
+        batch = self.scheduler.schedule()
+        outputs = [
+            self._end(
+                seq,
+                FinishReason.ERROR,
+                f"the request needs more KV blocks than the pool's {self.block_manager.num_blocks_total}",
+            )
+            for seq in batch.failed
+        ]
+        if not batch.seqs:
+            return outputs
+        try:
+            logits, sample_idx = self.runner.run(batch)
+            seqs = [batch.seqs[i] for i in sample_idx]
+            rows = [SampleRow(s.sampling, s.token_ids, s.num_generated_tokens) for s in seqs]
+            tokens, logprobs = self.sampler(logits, rows)
+        except Exception as e:  # a failed forward fails its requests, not the engine
+            return outputs + [self._end(s, FinishReason.ERROR, f"{type(e).__name__}: {e}") for s in batch.seqs]
+        self._count(batch)
+        logprobs_of = dict(zip(sample_idx, logprobs))
+        for i, seq, reason in self.scheduler.postprocess(batch, dict(zip(sample_idx, tokens))):
+            out = self._output(seq, reason)
+            if logprobs_of[i] is not None:
+                out.logprobs = [logprobs_of[i]]
+            outputs.append(out)
+        return outputs
+
+    def _count(self, batch: ScheduledBatch) -> None:
+        """Update the counters (before postprocess moves num_computed_tokens on)."""
+        s = self._stats
+        s.num_steps += 1
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            done = seq.num_computed_tokens
+            s.num_prefill_tokens += max(0, min(done + n, seq.num_prompt_tokens) - done)
+            s.num_generated_tokens += batch.samples(i)
+
+    def _output(self, seq: Sequence, reason: FinishReason | None) -> EngineOutput:
+        new = seq.token_ids[seq.num_prompt_tokens + seq.num_sent_tokens :]
+        seq.num_sent_tokens += len(new)
+        first_or_last = seq.num_sent_tokens == len(new) or reason is not None
+        out = EngineOutput(seq.request_id, new, finish_reason=reason)
+        if first_or_last:
+            out.num_prompt_tokens, out.num_cached_tokens = seq.num_prompt_tokens, seq.num_cached_tokens
+        if reason is not None:
+            self._forget(seq)
+        return out
+
+    def _end(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> EngineOutput:
+        """Finish a sequence outside the normal flow (abort, error, shutdown) and free its blocks."""
+        self.scheduler.finish(seq)
+        out = EngineOutput(
+            seq.request_id,
+            [],
+            finish_reason=reason,
+            error=error,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+        )
+        self._forget(seq)
+        return out
+
+    def _forget(self, seq: Sequence) -> None:
+        self._live.pop(seq.request_id, None)
+        with self._lock:
+            self._live_ids.discard(seq.request_id)
+
+    def _emit(self, outputs: list[EngineOutput]) -> None:
+        if outputs:
+            with self._outputs_ready:
+                self._outputs.extend(outputs)
+                self._outputs_ready.notify_all()

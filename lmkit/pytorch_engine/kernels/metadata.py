@@ -1,0 +1,36 @@
+"""What the attention kernels need to know about a step's flattened batch (built once per step)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    """One sequence's prefill chunk: rows [start, start + num_tokens) of the flattened batch."""
+
+    start: int
+    num_tokens: int
+    context_slots: torch.Tensor | None = None
+    """[ctx_len] cache slots of the whole context (cached prefix + this chunk); None when the chunk is
+    the whole context, so attention runs on the fresh k/v without touching the cache."""
+    mask: torch.Tensor | None = None
+    """[num_tokens, ctx_len] bool (True = attend); None = plain causal with num_tokens == ctx_len."""
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Flattened batch layout: the decode tokens (one per sequence) first, then the prefill chunks."""
+
+    slot_mapping: torch.Tensor
+    """[num_tokens] long: cache slot (block_id * block_size + offset) that each token's k/v goes to."""
+    num_decode: int = 0
+    decode_block_tables: torch.Tensor | None = None
+    """[num_decode, max_blocks] long: each decode sequence's blocks, padded (with any valid block id)."""
+    decode_ctx_len: int = 0
+    """Context positions the decode attention reads: max_blocks * block_size, or less when no mask is needed."""
+    decode_mask: torch.Tensor | None = None
+    """[num_decode, 1, 1, decode_ctx_len] bool (True = attend); None when every position is visible."""
+    prefills: list[PrefillChunk] = field(default_factory=list)

@@ -1,0 +1,117 @@
+"""The device side of a step: the model, the KV cache tensors, and the inputs built from a ScheduledBatch.
+
+Flattened batch layout (what the kernels see):
+
+    rows: [ decode tokens (one per sequence) | prefill chunk of seq a | prefill chunk of seq b | ... ]
+
+A chunk of one token is a decode in all but name, so it joins the batched decode group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmkit.model.spec import ModelSpec
+from lmkit.pytorch_engine.kernels import AttentionMetadata, PrefillChunk
+from lmkit.pytorch_engine.models.llama import LlamaForCausalLM
+from lmkit.pytorch_engine.scheduler import ScheduledBatch
+from lmkit.pytorch_engine.sequence import Sequence
+
+
+def kv_bytes_per_block(spec: ModelSpec, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.tensor([], dtype=dtype).element_size()
+    return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        weights: dict[str, torch.Tensor],
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.spec = spec
+        self.device = device
+        self.block_size = block_size
+        self.model = LlamaForCausalLM(spec, weights, device, dtype)
+        shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(spec.num_layers)
+        ]
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+        """Forward one step; returns logits [n, vocab] (fp32) and, per row, the index in batch.seqs."""
+        order = [i for i, n in enumerate(batch.num_new_tokens) if n == 1]
+        order += [i for i, n in enumerate(batch.num_new_tokens) if n > 1]
+        input_ids, positions, slots, logits_rows, sample_idx = [], [], [], [], []
+        meta = AttentionMetadata(slot_mapping=None, num_decode=len(order) - sum(n > 1 for n in batch.num_new_tokens))
+        decode_tables, decode_lens = [], []
+        for i in order:
+            seq, n = batch.seqs[i], batch.num_new_tokens[i]
+            start = seq.num_computed_tokens
+            row = len(input_ids)
+            input_ids += seq.token_ids[start : start + n]
+            positions += range(start, start + n)
+            slots += self._slots(seq.block_table, start, start + n)
+            if n == 1:
+                decode_tables.append(seq.block_table)
+                decode_lens.append(start + 1)
+            else:
+                meta.prefills.append(self._prefill_chunk(seq, row, n))
+            if batch.samples(i):
+                logits_rows.append(row + n - 1)
+                sample_idx.append(i)
+        dev = self.device
+        meta.slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
+        if decode_lens:
+            self._decode_context(meta, decode_tables, decode_lens)
+        logits = self.model.forward(
+            torch.tensor(input_ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            meta,
+            self.kv_caches,
+            torch.tensor(logits_rows, dtype=torch.long, device=dev),
+        )
+        return logits.float(), sample_idx
+
+    def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def _window_mask(self, q_pos: torch.Tensor, ctx_len: int) -> torch.Tensor:
+        """[len(q_pos), ctx_len] bool: key j is visible from position p when p - window < j <= p."""
+        k_pos = torch.arange(ctx_len, device=self.device)
+        mask = k_pos[None, :] <= q_pos[:, None]
+        window = self.spec.sliding_window
+        if window is not None:
+            mask &= k_pos[None, :] > q_pos[:, None] - window
+        return mask
+
+    def _prefill_chunk(self, seq: Sequence, row: int, n: int) -> PrefillChunk:
+        start = seq.num_computed_tokens
+        ctx = start + n
+        window = self.spec.sliding_window
+        if start == 0 and (window is None or ctx <= window):
+            return PrefillChunk(start=row, num_tokens=n)
+        q_pos = torch.arange(start, ctx, device=self.device)
+        slots = torch.tensor(self._slots(seq.block_table, 0, ctx), dtype=torch.long, device=self.device)
+        return PrefillChunk(start=row, num_tokens=n, context_slots=slots, mask=self._window_mask(q_pos, ctx))
+
+    def _decode_context(self, meta: AttentionMetadata, tables: list[list[int]], lens: list[int]) -> None:
+        bs, dev = self.block_size, self.device
+        max_len = max(lens)
+        max_blocks = -(-max_len // bs)
+        padded = [t[:max_blocks] + [t[0]] * (max_blocks - min(len(t), max_blocks)) for t in tables]
+        meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=dev)
+        window = self.spec.sliding_window
+        if min(lens) == max_len and (window is None or max_len <= window):
+            meta.decode_ctx_len = max_len  # nothing to hide: read exactly the context
+            return
+        meta.decode_ctx_len = max_blocks * bs
+        q_pos = torch.tensor(lens, device=dev) - 1
+        meta.decode_mask = self._window_mask(q_pos, max_blocks * bs)[:, None, None, :]

@@ -1,0 +1,106 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2 with qkv bias, Qwen3 with qk norm) over a paged KV cache.
+
+Weights come HF-named (lmkit.model.loader) and are fused at load: q/k/v into one projection, gate/up into
+another, so a layer is four GEMMs. The forward takes a step's flattened tokens (decode tokens and
+prefill chunks together) and returns logits only for the rows that sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lmkit.model.spec import ModelSpec
+from lmkit.pytorch_engine.kernels import AttentionMetadata, attention_backend
+from lmkit.pytorch_engine.models.rope import apply_rope, rope_tables
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # The same op order as HF's LlamaRMSNorm, so logits match it bit for bit where the GEMMs do.
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+@dataclass(slots=True)
+class LayerWeights:
+    input_norm: torch.Tensor  # [hidden]
+    qkv: torch.Tensor  # [q_size + 2 * kv_size, hidden]
+    qkv_bias: torch.Tensor | None  # [q_size + 2 * kv_size]
+    qk_norm: torch.Tensor | None  # [num_heads + num_kv_heads, head_dim]: q_norm per q head, k_norm per kv head
+    o: torch.Tensor  # [hidden, q_size]
+    post_norm: torch.Tensor  # [hidden]
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    down: torch.Tensor  # [hidden, intermediate]
+
+
+class LlamaForCausalLM:
+    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
+        self.spec = spec
+        self.device = device
+        self.kernels = attention_backend(device)
+
+        def w(name: str) -> torch.Tensor:
+            return weights[name].to(device=device, dtype=dtype).contiguous()
+
+        self.embed = w("model.embed_tokens.weight")
+        self.lm_head = self.embed if spec.tie_word_embeddings else w("lm_head.weight")
+        self.norm = w("model.norm.weight")
+        self.layers = [self._layer(w, f"model.layers.{i}.") for i in range(spec.num_layers)]
+        cos, sin = rope_tables(spec, spec.max_position_embeddings)
+        self.rope_cos, self.rope_sin = cos.to(device, dtype), sin.to(device, dtype)
+        self.scale = spec.head_dim**-0.5
+
+    def _layer(self, w, p: str) -> LayerWeights:
+        spec = self.spec
+        attn = p + "self_attn."
+        qk_norm = None
+        if spec.qk_norm:
+            q_norm = w(attn + "q_norm.weight").expand(spec.num_heads, -1)
+            qk_norm = torch.cat([q_norm, w(attn + "k_norm.weight").expand(spec.num_kv_heads, -1)])
+        return LayerWeights(
+            input_norm=w(p + "input_layernorm.weight"),
+            qkv=torch.cat([w(attn + f"{n}_proj.weight") for n in "qkv"]),
+            qkv_bias=torch.cat([w(attn + f"{n}_proj.bias") for n in "qkv"]) if spec.qkv_bias else None,
+            qk_norm=qk_norm,
+            o=w(attn + "o_proj.weight"),
+            post_norm=w(p + "post_attention_layernorm.weight"),
+            gate_up=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
+            down=w(p + "mlp.down_proj.weight"),
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        logits_indices: torch.Tensor,
+    ) -> torch.Tensor:
+        """input_ids, positions [T] -> logits [len(logits_indices), vocab] of the rows that sample."""
+        spec = self.spec
+        eps = spec.rms_norm_eps
+        cos = self.rope_cos[positions].unsqueeze(1)
+        sin = self.rope_sin[positions].unsqueeze(1)
+        h = F.embedding(input_ids, self.embed)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            h = h + self._attention(rms_norm(h, layer.input_norm, eps), layer, cos, sin, meta, k_cache, v_cache)
+            x = rms_norm(h, layer.post_norm, eps)
+            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, layer.down)
+        h = rms_norm(h[logits_indices], self.norm, eps)
+        return F.linear(h, self.lm_head)
+
+    def _attention(self, x, layer: LayerWeights, cos, sin, meta, k_cache, v_cache) -> torch.Tensor:
+        spec = self.spec
+        t, nh, nkv, hd = x.shape[0], spec.num_heads, spec.num_kv_heads, spec.head_dim
+        qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+        qk = qkv[:, : (nh + nkv) * hd].view(t, nh + nkv, hd)
+        v = qkv[:, (nh + nkv) * hd :].view(t, nkv, hd)
+        if layer.qk_norm is not None:
+            qk = rms_norm(qk, layer.qk_norm, spec.rms_norm_eps)
+        qk = apply_rope(qk, cos, sin)
+        q, k = qk[:, :nh], qk[:, nh:]
+        self.kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = self.kernels.paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        return F.linear(out.reshape(t, nh * hd), layer.o)
