@@ -7,6 +7,7 @@ the line after each answer shows. `reset` clears the history, `exit` (or Ctrl-D)
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 # CLI flag -> engine config field (either engine's name; the registry maps them to the chosen engine).
@@ -55,6 +56,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the engine runs (default: auto)")
     g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="compute dtype")
     g.add_argument("--num-blocks", type=int, help="exact number of KV blocks (overrides --cache-max-entry-count)")
+    g.add_argument("--adapters", nargs="+", metavar="NAME=PATH", help="LoRA adapters to load (pytorch engine)")
 
 
 def add_chat_parser(subparsers) -> argparse.ArgumentParser:
@@ -77,9 +79,15 @@ def add_chat_parser(subparsers) -> argparse.ArgumentParser:
 
 def engine_fields(args: argparse.Namespace) -> dict:
     """The engine settings the user gave (flags left out keep each engine's own defaults)."""
-    return {
+    fields = {
         field: getattr(args, flag) for flag, field in _ENGINE_FLAGS.items() if getattr(args, flag, None) is not None
     }
+    if getattr(args, "adapters", None):
+        bad = [a for a in args.adapters if "=" not in a]
+        if bad:
+            raise SystemExit(f"lmkit: --adapters takes NAME=PATH pairs, got {bad[0]!r}")
+        fields["adapters"] = dict(a.split("=", 1) for a in args.adapters)
+    return fields
 
 
 def start_async_engine(args: argparse.Namespace):
@@ -96,8 +104,13 @@ def start_async_engine(args: argparse.Namespace):
 def run_chat(args: argparse.Namespace) -> int:
     from lmkit.api import Pipeline
     from lmkit.messages import GenerationConfig
+    from lmkit.model.registry import ModelLoadError
 
-    pipe = Pipeline(start_async_engine(args))
+    try:
+        pipe = Pipeline(start_async_engine(args))
+    except (ModelLoadError, RuntimeError, ValueError) as exc:  # a bad model path, a backend that is missing
+        print(f"lmkit chat: {exc}", file=sys.stderr)
+        return 1
     gen = GenerationConfig(**{k: getattr(args, k) for k in _GEN_FLAGS if getattr(args, k) is not None})
     print(
         f"lmkit chat: {pipe.async_engine.model_name} on the {pipe.backend} engine. "

@@ -40,6 +40,7 @@ def test_help_lists_commands_and_flags():
         "--top-p",
         "--top-k",
         "--max-new-tokens",
+        "--adapters",
     ):
         assert flag in chat
 
