@@ -249,3 +249,26 @@ def test_n_choices_through_async_engine(engine, hf_tokenizer):
     ids = [[t for c in chunks if c.index == i for t in c.token_ids] for i in range(3)]
     assert len({tuple(x) for x in ids}) > 1  # seeds 5, 6, 7 differ
     assert wait_idle(engine).num_running == 0
+
+
+def test_closing_an_async_stream_aborts_and_frees_blocks(engine, hf_tokenizer, prompt_ids):
+    from lmkit.frontend.async_engine import AsyncEngine
+    from lmkit.messages import GenerationConfig
+
+    baseline = wait_idle(engine).num_blocks_free
+
+    async def go():
+        ae = AsyncEngine(engine, hf_tokenizer, "smollm2", "conformance")
+        try:
+            gen = GenerationConfig(temperature=0, max_new_tokens=500, ignore_eos=True)
+            stream = ae.generate(prompt_ids + [100] * 40, gen, request_id="cancel-me")
+            first = await anext(stream)
+            await stream.aclose()
+            return first
+        finally:
+            ae.shutdown(stop_engine=False)
+
+    first = asyncio.run(go())
+    assert first.finish_reason is None
+    stats = wait_idle(engine)
+    assert stats.num_running == 0 and stats.num_blocks_free == baseline
