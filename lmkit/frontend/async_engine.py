@@ -308,6 +308,12 @@ class AsyncEngine:
         self._pump.join(timeout=5)
         if stop_engine:
             self.engine.shutdown()
+        with self._lock:  # streams still open end with "abort" rather than wait forever
+            live = list(self._waiters)
+        if not stop_engine:
+            for rid in live:
+                self.engine.abort_request(rid)
+        self._dispatch([EngineOutput(rid, [], finish_reason=FinishReason.ABORT) for rid in live])
 
     async def close(self) -> None:
         await asyncio.to_thread(self.shutdown)

@@ -194,3 +194,12 @@ def test_pipeline_over_fake_engine(tokenizer, make_async_engine):
         stream.close()
     finally:
         pipe.close()
+
+
+async def test_close_ends_open_streams_with_abort(make_async_engine):
+    ae = make_async_engine(lambda r: [100] * 1000, step_s=0.005)
+    agen = ae.generate("Hi", GenerationConfig(max_new_tokens=900))
+    await anext(agen)
+    await ae.close()
+    chunks = await asyncio.wait_for(collect(agen), timeout=5)
+    assert chunks[-1].finish_reason == "abort"
