@@ -45,6 +45,9 @@ class LlamaForCausalLM:
 
         self.embed = w("model.embed_tokens.weight")
         self.lm_head = self.embed if spec.tie_word_embeddings else w("lm_head.weight")
+        # On CPU, MKL is ~2x faster for the [vocab, hidden] GEMM as lm_head @ h.T for several rows, and as
+        # h @ lm_head.T (a transposed copy, +vocab*hidden memory) for one row; measured on this 2-core box.
+        self.lm_head_t = self.lm_head.t().contiguous() if device.type == "cpu" else None
         self.norm = w("model.norm.weight")
         self.layers = [self._layer(w, f"model.layers.{i}.") for i in range(spec.num_layers)]
         cos, sin = rope_tables(spec, spec.max_position_embeddings)
@@ -88,8 +91,14 @@ class LlamaForCausalLM:
             x = rms_norm(h, layer.post_norm, eps)
             gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
             h = h + F.linear(F.silu(gate) * up, layer.down)
-        h = rms_norm(h[logits_indices], self.norm, eps)
-        return F.linear(h, self.lm_head)
+        return self._logits(rms_norm(h[logits_indices], self.norm, eps))
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.lm_head_t is None:
+            return F.linear(h, self.lm_head)
+        if h.shape[0] == 1:
+            return h @ self.lm_head_t
+        return (self.lm_head @ h.t()).t()
 
     def _attention(self, x, layer: LayerWeights, cos, sin, meta, k_cache, v_cache) -> torch.Tensor:
         spec = self.spec
