@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, Proc, free_port
+from e2e_util import ROOT, Proc, free_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from conftest import MODEL_NAME, api_server, proxy
+from e2e_util import MODEL_NAME, api_server, proxy
 
 
 def body(max_tokens: int, stream: bool) -> dict:

@@ -8,8 +8,7 @@ import random
 import time
 
 import httpx
-import psutil
-from conftest import MODEL_NAME, read_metric
+from e2e_util import MODEL_NAME, read_metric
 
 PROMPTS = [
     "Tell me a story about a cat.",
@@ -19,6 +18,9 @@ PROMPTS = [
     "你好！请介绍一下你自己。",
     "Give me an emoji 🙂 and explain it.",
 ]
+
+
+BROKEN: list[str] = []
 
 
 def chat_body(max_tokens: int, stream: bool = True) -> dict:
@@ -32,7 +34,10 @@ def chat_body(max_tokens: int, stream: bool = True) -> dict:
 
 
 async def stream_chat(client: httpx.AsyncClient, url: str, max_tokens: int, leave_after: int | None = None):
-    """Stream one chat; leave after `leave_after` content chunks (a client disconnect). Returns (chunks, finish)."""
+    """Stream one chat; leave after `leave_after` content chunks (a client disconnect). Returns (chunks, finish).
+
+    Chunks holding U+FFFD (broken UTF-8) are counted in BROKEN and asserted on last, so the other checks run.
+    """
     chunks, finish = 0, None
     async with client.stream("POST", url + "/v1/chat/completions", json=chat_body(max_tokens)) as r:
         assert r.status_code == 200, await r.aread()
@@ -44,7 +49,8 @@ async def stream_chat(client: httpx.AsyncClient, url: str, max_tokens: int, leav
             event = json.loads(line[6:])
             assert "error" not in event, event
             for choice in event["choices"]:
-                assert "\ufffd" not in (choice["delta"].get("content") or "")
+                if "\ufffd" in (choice["delta"].get("content") or ""):
+                    BROKEN.append(choice["delta"]["content"])
                 if choice["delta"].get("content"):
                     chunks += 1
                 finish = choice["finish_reason"] or finish
@@ -86,11 +92,12 @@ def test_client_disconnects_free_everything(server):
             chunks, finish = await stream_chat(client, server.url, 8)  # still serving
             assert finish in ("stop", "length")
 
+    BROKEN.clear()
     asyncio.run(run())
+    assert not BROKEN, f"{len(BROKEN)} stream chunks held U+FFFD: {BROKEN[:5]}"
 
 
 def test_200_concurrent_streams_rss_stable(server):
-    proc = psutil.Process(server.pid)
 
     async def round_():
         async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=256)) as client:
@@ -101,11 +108,21 @@ def test_200_concurrent_streams_rss_stable(server):
         assert not errors, errors[:3]
         assert all(f in ("stop", "length") for _, f in results), results
 
+    BROKEN.clear()
     rss = []
     for _ in range(3):
         asyncio.run(round_())
         asyncio.run(wait_idle(server.url))
-        rss.append(proc.memory_info().rss)
+        rss.append(_rss_bytes(server.pid))
     growth = rss[2] - rss[0]
     print(f"server RSS after each round (MiB): {[r >> 20 for r in rss]}")
     assert growth < max(0.05 * rss[0], 30 << 20), f"RSS grew {growth >> 20} MiB over rounds: {rss}"
+    assert not BROKEN, f"{len(BROKEN)} stream chunks held U+FFFD: {BROKEN[:5]}"
+
+
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")

@@ -120,6 +120,7 @@ class FakeAsyncEngine:
         self.live[rid] = 1 + len(ids) // 16
         out: list[int] = []
         emitted = 0  # chars of decoded text already sent
+        sent = 0  # tokens already sent
         finish = None
         try:
             while finish is None:
@@ -129,8 +130,8 @@ class FakeAsyncEngine:
                 out.append(reply[len(out)])
                 self.live[rid] = 1 + (len(ids) + len(out)) // 16
                 text = bytes(out).decode("utf-8", errors="ignore")
-                if len(bytes(out)) != len(text.encode("utf-8")):
-                    continue  # an incomplete UTF-8 sequence: wait for the rest
+                if len(bytes(out)) != len(text.encode("utf-8")) and len(out) < max_new:
+                    continue  # an incomplete UTF-8 sequence: wait for the rest (dropped at the length limit)
                 cut = _first_stop(text, stops)
                 if cut is not None:
                     text, finish = text[:cut], "stop"
@@ -139,16 +140,25 @@ class FakeAsyncEngine:
                 hold = 0 if finish else _partial_stop(text, stops)
                 new = text[emitted : len(text) - hold]
                 emitted += len(new)
+                new_ids, sent = out[sent:], len(out)
                 lp = None
                 if cfg.logprobs is not None:
-                    top = [(out[-1], -0.1)] + [(i, -2.0 - i / 100) for i in range(97, 97 + cfg.logprobs)]
-                    lp = [{"token_id": out[-1], "logprob": -0.1, "top": top[: max(cfg.logprobs, 1)]}]
+                    lp = [
+                        {
+                            "token_id": t,
+                            "logprob": -0.1,
+                            "top": ([(t, -0.1)] + [(i, -2.0 - i / 100) for i in range(97, 97 + cfg.logprobs)])[
+                                : max(cfg.logprobs, 1)
+                            ],
+                        }
+                        for t in new_ids
+                    ]
                 yield Response(
                     text=new,
                     generate_token_len=len(out),
                     input_token_len=len(ids),
                     finish_reason=finish,
-                    token_ids=[out[-1]],
+                    token_ids=new_ids,
                     logprobs=lp,
                     index=index,
                 )

@@ -240,7 +240,7 @@ def test_metrics_and_ready(client):
 
 
 def test_ready_fails_when_stalled(fake_engine):
-    from conftest import ThreadServer
+    from serve_util import ThreadServer
 
     from lmkit.serve.openai.api_server import ServerConfig, build_app
 
@@ -266,7 +266,7 @@ def test_ready_fails_when_stalled(fake_engine):
 def test_max_concurrent_requests(fake_engine):
     import concurrent.futures as cf
 
-    from conftest import ThreadServer
+    from serve_util import ThreadServer
 
     from lmkit.serve.openai.api_server import ServerConfig, build_app
 

@@ -190,7 +190,12 @@ async def _generate(state: ServerState, request: Request, job) -> Response:
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="model folder, GGUF file or AWQ checkpoint")
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="model folder, GGUF file or AWQ checkpoint (default: the bundled SmolLM2)",
+    )
     parser.add_argument("--backend", default="auto", choices=["auto", "pytorch", "turbo"])
     parser.add_argument("--server-name", default="0.0.0.0", help="address to listen on")
     parser.add_argument("--server-port", type=int, default=23333)
