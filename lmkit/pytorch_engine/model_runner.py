@@ -108,10 +108,11 @@ class ModelRunner:
         max_blocks = -(-max_len // bs)
         padded = [t[:max_blocks] + [t[0]] * (max_blocks - min(len(t), max_blocks)) for t in tables]
         meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=dev)
+        meta.decode_context_lens = torch.tensor(lens, dtype=torch.long, device=dev)
         window = self.spec.sliding_window
         if min(lens) == max_len and (window is None or max_len <= window):
             meta.decode_ctx_len = max_len  # nothing to hide: read exactly the context
             return
         meta.decode_ctx_len = max_blocks * bs
-        q_pos = torch.tensor(lens, device=dev) - 1
+        q_pos = meta.decode_context_lens - 1
         meta.decode_mask = self._window_mask(q_pos, max_blocks * bs)[:, None, None, :]

@@ -13,15 +13,39 @@ from lmkit.pytorch_engine.scheduler import ScheduledBatch
 from lmkit.pytorch_engine.sequence import Sequence
 
 BS = 4
+TINY = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    initializer_range=0.1,
+)
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama31", "qwen2", "qwen3", "mistral"])
-def test_logits_match_hf(kind, tiny_model_dir):
+@pytest.fixture(scope="module")
+def windowed_mistral_dir(tmp_path_factory):
+    """A tiny Mistral whose sliding window (16) is shorter than the test sequences."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    torch.manual_seed(0)
+    config = MistralConfig(**TINY, rope_theta=10000.0, sliding_window=16)
+    path = tmp_path_factory.mktemp("tiny-mistral-window")
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama31", "qwen2", "qwen3", "mistral", "mistral-window"])
+def test_logits_match_hf(kind, tiny_model_dir, request):
     from transformers import AutoModelForCausalLM
 
-    path = tiny_model_dir(kind)
+    path = request.getfixturevalue("windowed_mistral_dir") if kind == "mistral-window" else tiny_model_dir(kind)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     loaded = load_model(path)
+    assert (loaded.spec.sliding_window is not None) == (kind == "mistral-window")
     runner = ModelRunner(loaded.spec, loaded.weights, 128, BS, torch.device("cpu"), torch.float32)
     bm = BlockManager(128, BS)
     gen = torch.Generator().manual_seed(1)

@@ -29,6 +29,8 @@ class AttentionMetadata:
     num_decode: int = 0
     decode_block_tables: torch.Tensor | None = None
     """[num_decode, max_blocks] long: each decode sequence's blocks, padded (with any valid block id)."""
+    decode_context_lens: torch.Tensor | None = None
+    """[num_decode] long: tokens in each decode sequence's context, the new one included."""
     decode_ctx_len: int = 0
     """Context positions the decode attention reads: max_blocks * block_size, or less when no mask is needed."""
     decode_mask: torch.Tensor | None = None
