@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from e2e_util import MODEL_NAME, api_server, proxy
+from e2e_util import MODEL_NAME, api_server, proxy, read_metric
 
 
 def body(max_tokens: int, stream: bool) -> dict:
@@ -98,6 +98,33 @@ def test_node_add_validation(main_proxy):
     assert r.status_code == 400 and "does not answer" in r.json()["error"]["message"]
     assert httpx.post(main_proxy.url + "/nodes/add", json={"nope": 1}).status_code == 400
     assert httpx.post(main_proxy.url + "/nodes/remove", json={"url": "http://127.0.0.1:1"}).status_code == 404
+
+
+def test_client_disconnect_through_proxy_frees_nodes(servers, main_proxy):
+    urls = sorted(s.url for s in servers)
+    wait_for(lambda: sorted(httpx.get(main_proxy.url + "/nodes/status").json()) == urls, 60, "3 registered nodes")
+
+    async def leave_early(client: httpx.AsyncClient) -> None:
+        async with client.stream("POST", main_proxy.url + "/v1/chat/completions", json=body(200, True)) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if '"content"' in line and '"role"' not in line:
+                    return  # the client goes away mid-stream
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120) as client:
+            await asyncio.gather(*(leave_early(client) for _ in range(12)))
+
+    asyncio.run(run())
+
+    def idle() -> bool:
+        return all(
+            read_metric(s.url, "lmkit:num_requests_running") == 0 and read_metric(s.url, "lmkit:num_blocks_used") == 0
+            for s in servers
+        )
+
+    wait_for(idle, 30, "every node idle after the clients left the proxy")
+    assert all(n["in_flight"] == 0 for n in httpx.get(main_proxy.url + "/nodes/status").json().values())
 
 
 def test_sigkill_node_mid_run(servers, main_proxy, logs_dir):

@@ -24,7 +24,10 @@ def real_server(smollm2_dir):
 
     # The AsyncEngine binds to the event loop of each request, so it can be built here and served there.
     engine = build_async_engine(
-        str(smollm2_dir), "pytorch", PytorchEngineConfig(session_len=SESSION_LEN, device="cpu"), MODEL
+        str(smollm2_dir),
+        "pytorch",
+        PytorchEngineConfig(session_len=SESSION_LEN, device="cpu", cache_max_entry_count=0.1),
+        MODEL,
     )
     try:
         with ThreadServer(build_app(engine, MODEL, ServerConfig(api_keys=[KEY]))) as server:
