@@ -280,3 +280,23 @@ def test_max_concurrent_requests(fake_engine):
             codes = list(pool.map(one, range(8)))
         assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
         assert httpx.post(server.url + CHAT, json=chat_body(), timeout=30).status_code == 200
+
+
+def test_disconnect_while_waiting_for_a_full_answer_aborts(fake_server):
+    """A non-streamed request whose client gives up is cancelled too (the server polls for the disconnect)."""
+    engine = fake_server.engine
+    engine.stall = True
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                fake_server.url + CHAT,
+                json=chat_body(max_tokens=50),
+                timeout=0.5,
+                headers={"Authorization": "Bearer sk-test"},
+            )
+        deadline = time.monotonic() + 5
+        while engine.live and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not engine.live, "the engine request outlived its client"
+    finally:
+        engine.stall = False
