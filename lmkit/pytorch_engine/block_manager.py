@@ -41,6 +41,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.hash_to_block_id: dict[int, int] = {}
+        self._num_cached_free = 0  # a counter, so stats() from another thread never iterates the free list
 
     # ---- counts ----
     @property
@@ -58,7 +59,7 @@ class BlockManager:
     @property
     def num_blocks_cached(self) -> int:
         """Free blocks that still hold registered prefix content."""
-        return sum(1 for i in self.free_block_ids if self.blocks[i].hash is not None)
+        return self._num_cached_free
 
     def num_blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -133,6 +134,8 @@ class BlockManager:
                 self.free_block_ids[block_id] = None
                 if block.hash is None:  # nothing worth keeping: hand it out before cached blocks
                     self.free_block_ids.move_to_end(block_id, last=False)
+                else:
+                    self._num_cached_free += 1
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
@@ -142,10 +145,13 @@ class BlockManager:
         block = self.blocks[block_id]
         if block.ref_count == 0:
             del self.free_block_ids[block_id]
+            self._num_cached_free -= 1  # only registered blocks are found by hash
         block.ref_count += 1
 
     def _evict(self, block: Block) -> None:
+        """Drop the prefix-cache content of a block just taken from the free list."""
         if block.hash is not None:
+            self._num_cached_free -= 1
             if self.hash_to_block_id.get(block.hash) == block.block_id:
                 del self.hash_to_block_id[block.hash]
             block.hash, block.parent_hash, block.token_ids = None, ROOT_HASH, ()

@@ -9,6 +9,10 @@ from lmkit.pytorch_engine.sequence import Sequence
 BS = 4
 
 
+def cached_free(bm: BlockManager) -> int:
+    return sum(1 for i in bm.free_block_ids if bm.blocks[i].hash is not None)
+
+
 def computed(bm: BlockManager, seq: Sequence) -> Sequence:
     """Admit seq as the scheduler does, with its whole prompt computed and its full blocks cached."""
     bm.match_prefix(seq)
@@ -55,7 +59,7 @@ def test_prefix_hit_shares_blocks_and_ref_counts():
     assert bm.num_blocks_cached == 2  # a's two full prompt blocks (a's third block held 3 tokens)
     # Cached-but-free blocks are found again after everyone let go.
     d = Sequence("d", prefix + [70])
-    assert bm.match_prefix(d) == 8 and bm.num_blocks_cached == 0
+    assert bm.match_prefix(d) == 8 and bm.num_blocks_cached == cached_free(bm) == 0
 
 
 def test_prefix_chain_depends_on_earlier_blocks():
@@ -92,6 +96,7 @@ def test_lru_reuse_order():
     assert c.block_table[2] == a_full and bm.num_blocks_cached == 1
     assert bm.match_prefix(Sequence("a2", [1, 2, 3, 4, 0])) == 0  # evicted
     assert bm.match_prefix(Sequence("b2", [5, 6, 7, 8, 0])) == 4  # still cached
+    assert bm.num_blocks_cached == cached_free(bm) == 0
 
 
 def test_prefix_caching_disabled():
