@@ -177,7 +177,12 @@ class PytorchEngine:
         with torch.inference_mode():
             while self._admit(block=not self.scheduler.has_work()):
                 if self.scheduler.has_work():
-                    self._emit(self._step())
+                    try:
+                        outputs = self._step()
+                    except Exception as e:  # a bug outside the forward: fail what is live, keep serving
+                        error = f"engine step failed: {type(e).__name__}: {e}"
+                        outputs = [self._end(seq, FinishReason.ERROR, error) for seq in list(self._live.values())]
+                    self._emit(outputs)
             self._emit([self._end(seq, FinishReason.ABORT) for seq in list(self._live.values())])
 
     def _admit(self, block: bool) -> bool:

@@ -112,6 +112,12 @@ def test_forward_error_fails_requests_and_loop_survives(engine, monkeypatch):
     assert res.last.finish_reason is FinishReason.ERROR and "boom" in res.last.error
     monkeypatch.setattr(engine.runner, "run", real_run)
     assert all_blocks_free(engine)
+    real_postprocess = engine.scheduler.postprocess
+    monkeypatch.setattr(engine.scheduler, "postprocess", lambda batch, sampled: 1 / 0)
+    res = generate(engine, {"e2": [1, 2, 3]}, SamplingParams(max_new_tokens=4))["e2"]
+    assert res.last.finish_reason is FinishReason.ERROR and "ZeroDivisionError" in res.last.error
+    monkeypatch.setattr(engine.scheduler, "postprocess", real_postprocess)
+    assert all_blocks_free(engine)
     out = generate(engine, {"after": [1, 2, 3]}, SamplingParams(max_new_tokens=4, ignore_eos=True, temperature=0))
     assert len(out["after"].token_ids) == 4
 
