@@ -91,6 +91,14 @@ def test_openai_logprobs_and_n(oai):
     assert len(c.choices[0].logprobs.tokens) == 3
 
 
+def test_logprob_bytes_rebuild_cjk_text(oai):
+    msgs = [{"role": "user", "content": "Translate to Chinese: hello, friend."}]
+    r = oai.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0, logprobs=True)
+    content = r.choices[0].message.content
+    raw = b"".join(bytes(t.bytes) for t in r.choices[0].logprobs.content)
+    assert raw.decode("utf-8", errors="ignore") == content.replace("\ufffd", "")
+
+
 @pytest.mark.parametrize("delta,status", [(-1, 200), (0, 400), (1, 400), (9 * SESSION_LEN, 400)])
 def test_prompt_at_context_limit(real_server, http, delta, status):
     ids = real_server.engine.encode("hello " * (SESSION_LEN * 10))

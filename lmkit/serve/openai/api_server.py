@@ -210,6 +210,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         help="/ready fails after this many seconds with pending work and no token",
     )
     parser.add_argument("--proxy-url", default=None, help="register with this proxy on start-up")
+    parser.add_argument(
+        "--advertise-url",
+        default=None,
+        help="the URL the proxy should use to reach this server (default: from --server-name, "
+        "or this host's address when listening on all interfaces)",
+    )
     parser.add_argument("--log-level", default="warning")
     add_engine_args(parser)
 
@@ -267,8 +273,7 @@ def run_server(args: argparse.Namespace, engine_factory=None) -> None:
             max_body_bytes=args.max_body_bytes,
             ready_stall_s=args.ready_stall_s,
         )
-        host = "127.0.0.1" if args.server_name in ("0.0.0.0", "::") else args.server_name
-        url = f"http://{host}:{args.server_port}"
+        url = args.advertise_url or f"http://{_reachable_host(args.server_name)}:{args.server_port}"
         model_name = args.model_name or engine.model_name
         tasks: list[asyncio.Task] = []
 
@@ -292,6 +297,18 @@ def run_server(args: argparse.Namespace, engine_factory=None) -> None:
         await server.serve()
 
     asyncio.run(serve())
+
+
+def _reachable_host(server_name: str) -> str:
+    """An address other machines can use for a server listening on `server_name`."""
+    if server_name not in ("0.0.0.0", "::", ""):
+        return server_name
+    import socket
+
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
 
 
 async def _register_with_proxy(proxy_url: str, url: str, api_keys: list[str]) -> None:
