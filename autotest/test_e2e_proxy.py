@@ -82,7 +82,8 @@ def test_strategy_spreads_load(strategy, servers, logs_dir):
         assert outcomes == ["ok"] * 24
         counts = {u: n["num_requests"] for u, n in httpx.get(p.url + "/nodes/status").json().items()}
         print(strategy, counts)
-        assert all(c >= 2 for c in counts.values()), counts
+        least = 1 if strategy == "random" else 2  # random: P(a node gets < 1 of 24) ~ 2e-4
+        assert len(counts) == 3 and all(c >= least for c in counts.values()), counts
         assert sum(counts.values()) == 24
         # errors pass through untouched
         r = httpx.post(p.url + "/v1/chat/completions", json={**body(4, False), "model": "nope"})

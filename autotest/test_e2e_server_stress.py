@@ -23,13 +23,14 @@ PROMPTS = [
 BROKEN: list[str] = []
 
 
-def chat_body(max_tokens: int, stream: bool = True) -> dict:
+def chat_body(max_tokens: int, stream: bool = True, ignore_eos: bool = False) -> dict:
     return {
         "model": MODEL_NAME,
         "messages": [{"role": "user", "content": random.choice(PROMPTS)}],
         "max_tokens": max_tokens,
         "temperature": 0.7,
         "stream": stream,
+        "ignore_eos": ignore_eos,
     }
 
 
@@ -39,7 +40,9 @@ async def stream_chat(client: httpx.AsyncClient, url: str, max_tokens: int, leav
     Chunks holding U+FFFD (broken UTF-8) are counted in BROKEN and asserted on last, so the other checks run.
     """
     chunks, finish = 0, None
-    async with client.stream("POST", url + "/v1/chat/completions", json=chat_body(max_tokens)) as r:
+    async with client.stream(
+        "POST", url + "/v1/chat/completions", json=chat_body(max_tokens, ignore_eos=leave_after is not None)
+    ) as r:
         assert r.status_code == 200, await r.aread()
         async for line in r.aiter_lines():
             if not line.startswith("data: "):
