@@ -107,8 +107,12 @@ class IncrementalDetokenizer:
         return ""
 
     def flush(self) -> str:
-        """At the end of a stream: whatever is still held back (an incomplete sequence stays as U+FFFD)."""
+        """At the end of a stream: whatever is still held back, less a trailing incomplete UTF-8 sequence.
+
+        A stream cut by max_new_tokens inside a multi-byte character can never complete it; sending the bytes
+        as U+FFFD would break the "no broken UTF-8" contract, so they are dropped.
+        """
         prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
         full_text = self._decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
-        return full_text[len(prefix_text) :] if len(full_text) > len(prefix_text) else ""
+        return full_text[len(prefix_text) :].rstrip(_REPLACEMENT) if len(full_text) > len(prefix_text) else ""
