@@ -1,0 +1,130 @@
+"""Decode-attention micro-benchmark of the turbo CUDA kernel (and the Triton one for comparison).
+
+Llama-3-8B attention shape (32 query heads, 8 KV heads, head_dim 128, bf16), paged cache with block size 16,
+every sequence at the same context. Reports the median time (CUDA events, do_bench) and the achieved bandwidth
+of the KV read (batch * context * kv_heads * head_dim * 2 bytes * 2 for K and V) against the device's ~3 TB/s.
+
+    python benchmark/kernels/bench_turbo_cuda_attention.py [--batch 1 64 256] [--context 1024 4096 32768]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "gpu"))
+import cuda_harness  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64, 256])
+    ap.add_argument("--context", type=int, nargs="+", default=[1024, 4096, 32768])
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--splits", type=int, nargs="+", default=[0], help="split counts to time (0 = heuristic)")
+    ap.add_argument("--no-triton", action="store_true")
+    ap.add_argument("--prefill", type=int, nargs="*", default=None, help="also time prefill of these prompt lengths")
+    ap.add_argument("--prefill-only", action="store_true")
+    ap.add_argument("--max-gib", type=float, default=60.0, help="skip shapes whose KV exceeds this")
+    args = ap.parse_args()
+
+    ops = cuda_harness.load()
+    props = torch.cuda.get_device_properties(0)
+    print(
+        f"device: {props.name}, {props.multi_processor_count} SMs; Hq={args.heads} Hkv={args.kv_heads} "
+        f"D={args.head_dim} block={args.block_size} bf16"
+    )
+    for n in args.prefill or []:
+        bench_prefill(ops, args, n)
+    if args.prefill_only:
+        return
+    print(f"{'batch':>6} {'context':>8} {'splits':>6} {'turbo us':>10} {'GB/s':>8} {'triton us':>10} {'GB/s':>8}")
+    for ctx in args.context:
+        for b in args.batch:
+            kv_bytes = b * ctx * args.kv_heads * args.head_dim * 2 * 2
+            if kv_bytes / 2**30 > args.max_gib:
+                print(f"{b:>6} {ctx:>8}  skipped ({kv_bytes / 2**30:.1f} GiB of KV)")
+                continue
+            for want in args.splits:
+                splits, t_us, tri_us = bench_shape(ops, args, b, ctx, props.multi_processor_count, want)
+                gbs, tri_gbs = kv_bytes / t_us / 1e3, kv_bytes / tri_us / 1e3
+                print(
+                    f"{b:>6} {ctx:>8} {splits:>6} {t_us:>10.1f} {gbs:>8.0f} {tri_us:>10.1f} {tri_gbs:>8.0f}", flush=True
+                )
+            torch.cuda.empty_cache()
+
+
+def bench_prefill(ops, args, seq_len: int, num_seqs: int = 4) -> None:
+    """Full-prompt prefill (no cached prefix) of num_seqs prompts: achieved TFLOP/s (causal: half the square)."""
+    dtype = torch.bfloat16
+    hq, hk, d, bs = args.heads, args.kv_heads, args.head_dim, args.block_size
+    blocks_per_seq = triton.cdiv(seq_len, bs)
+    k_cache = torch.randn(num_seqs * blocks_per_seq, bs, hk, d, device="cuda", dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.randperm(num_seqs * blocks_per_seq, device="cuda", dtype=torch.int32).view(num_seqs, -1)
+    lens = torch.full((num_seqs,), seq_len, dtype=torch.int32, device="cuda")
+    cu = torch.arange(0, num_seqs + 1, dtype=torch.int32, device="cuda") * seq_len
+    q = torch.randn(num_seqs * seq_len, hq, d, device="cuda", dtype=dtype)
+    out = torch.empty_like(q)
+    scale = d**-0.5
+    flops = 4 * num_seqs * hq * d * seq_len * seq_len / 2
+
+    def turbo():
+        ops.paged_attention_prefill(out, q, k_cache, v_cache, tables, cu, lens, seq_len, scale, 0)
+
+    t_ms = triton.testing.do_bench(turbo, warmup=20, rep=200, return_mode="median")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from lmkit.pytorch_engine.kernels.triton.paged_attention import paged_prefill_attention
+
+    def tri():
+        paged_prefill_attention(q, k_cache, v_cache, tables, cu, lens, seq_len, scale, out=out)
+
+    tri_ms = triton.testing.do_bench(tri, warmup=20, rep=200, return_mode="median")
+    print(
+        f"prefill {num_seqs} x {seq_len}: turbo {t_ms * 1e3:.0f} us = {flops / t_ms / 1e9:.0f} TFLOP/s, "
+        f"triton {tri_ms * 1e3:.0f} us = {flops / tri_ms / 1e9:.0f} TFLOP/s",
+        flush=True,
+    )
+
+
+def bench_shape(ops, args, b: int, ctx: int, sms: int, want: int = 0) -> tuple[int, float, float]:
+    """(splits, turbo median us, triton median us) for one batch and context."""
+    dtype = torch.bfloat16
+    hq, hk, d, bs = args.heads, args.kv_heads, args.head_dim, args.block_size
+    blocks_per_seq = triton.cdiv(ctx, bs)
+    num_blocks = b * blocks_per_seq
+    k_cache = torch.empty(num_blocks, bs, hk, d, device="cuda", dtype=dtype).normal_()
+    v_cache = torch.empty_like(k_cache).normal_()
+    tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(b, blocks_per_seq)
+    lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
+    q = torch.randn(b, hq, d, device="cuda", dtype=dtype)
+    out = torch.empty_like(q)
+    splits = want or ops.decode_num_splits(b, hk, blocks_per_seq, bs, sms)
+    ws = torch.empty(max(1, ops.decode_workspace_size(b, hq, d, splits)), dtype=torch.uint8, device="cuda")
+    scale = d**-0.5
+
+    def turbo():
+        ops.paged_attention_decode(out, q, k_cache, v_cache, tables, lens, scale, splits, ws, 0)
+
+    t_us = triton.testing.do_bench(turbo, warmup=50, rep=300, return_mode="median") * 1e3
+    tri_us = float("nan")
+    if not args.no_triton and not want:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+        from lmkit.pytorch_engine.kernels.triton.paged_attention import paged_decode_attention
+
+        def tri():
+            paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, out=out)
+
+        tri_us = triton.testing.do_bench(tri, warmup=50, rep=300, return_mode="median") * 1e3
+    return splits, t_us, tri_us
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+// Shared helpers of the turbo CUDA kernels: dtype dispatch, conversions, vector access, reductions.
+#pragma once
+
+#include <ATen/ATen.h>
+// c10's stream header rather than ATen/cuda/CUDAContext.h (which pulls in cuBLAS/cuSPARSE/cuSOLVER): same stream.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cfloat>
+#include <cstdint>
+
+#define TURBO_CUDA_CHECK(expr)                                                                     \
+    do {                                                                                           \
+        cudaError_t turbo_err_ = (expr);                                                           \
+        TORCH_CHECK(turbo_err_ == cudaSuccess, "CUDA error: ", cudaGetErrorString(turbo_err_));    \
+    } while (0)
+
+// Check the launch just made on this thread (cheap: no device sync).
+#define TURBO_CHECK_LAUNCH() TURBO_CUDA_CHECK(cudaGetLastError())
+
+#define TURBO_CHECK_CUDA_TENSOR(t) TORCH_CHECK((t).is_cuda(), #t " must be a CUDA tensor")
+#define TURBO_CHECK_CONTIGUOUS(t) TORCH_CHECK((t).is_contiguous(), #t " must be contiguous")
+#define TURBO_CHECK_DTYPE(t, dt) TORCH_CHECK((t).scalar_type() == (dt), #t " must be ", dt, ", got ", (t).scalar_type())
+
+// Runs the body with `scalar_t` bound to float, __half or __nv_bfloat16 (the CUDA types of fp32/fp16/bf16).
+#define TURBO_DISPATCH_FLOAT_TYPES(dtype, name, ...)                                               \
+    [&] {                                                                                          \
+        switch (dtype) {                                                                           \
+            case at::ScalarType::Float: {                                                          \
+                using scalar_t = float;                                                            \
+                return __VA_ARGS__();                                                              \
+            }                                                                                      \
+            case at::ScalarType::Half: {                                                           \
+                using scalar_t = __half;                                                           \
+                return __VA_ARGS__();                                                              \
+            }                                                                                      \
+            case at::ScalarType::BFloat16: {                                                       \
+                using scalar_t = __nv_bfloat16;                                                    \
+                return __VA_ARGS__();                                                              \
+            }                                                                                      \
+            default:                                                                               \
+                TORCH_CHECK(false, name, ": unsupported dtype ", dtype, " (float32, float16, bfloat16)"); \
+        }                                                                                          \
+    }()
+
+// Runs the body with `index_t` bound to int32_t or int64_t.
+#define TURBO_DISPATCH_INDEX_TYPES(dtype, name, ...)                                               \
+    [&] {                                                                                          \
+        switch (dtype) {                                                                           \
+            case at::ScalarType::Int: {                                                            \
+                using index_t = int32_t;                                                           \
+                return __VA_ARGS__();                                                              \
+            }                                                                                      \
+            case at::ScalarType::Long: {                                                           \
+                using index_t = int64_t;                                                           \
+                return __VA_ARGS__();                                                              \
+            }                                                                                      \
+            default:                                                                               \
+                TORCH_CHECK(false, name, ": index dtype must be int32 or int64, got ", dtype);     \
+        }                                                                                          \
+    }()
+
+namespace turbo {
+namespace cuda {
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Round through T (what a PyTorch op of dtype T stores), back as float.
+template <typename T>
+__device__ __forceinline__ float round_to(float x) { return to_float<T>(from_float<T>(x)); }
+
+// 16 bytes of T: VEC elements, loaded/stored as one uint4.
+template <typename T>
+struct Vec16 {
+    static constexpr int VEC = 16 / sizeof(T);
+    union {
+        uint4 raw;
+        T v[VEC];
+    };
+};
+
+template <typename T>
+__device__ __forceinline__ void load16_to_float(const T* ptr, float* out) {
+    Vec16<T> pk;
+    pk.raw = __ldg(reinterpret_cast<const uint4*>(ptr));
+#pragma unroll
+    for (int i = 0; i < Vec16<T>::VEC; ++i) out[i] = to_float<T>(pk.v[i]);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Block-wide sum (blockDim.x a multiple of 32, <= 1024); every thread gets the result. Uses 33 floats of smem.
+__device__ __forceinline__ float block_sum(float v, float* smem) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // smem may still be read from a previous call
+    if (lane == 0) smem[warp] = v;
+    __syncthreads();
+    float t = lane < nwarps ? smem[lane] : 0.f;
+    t = warp_sum(t);
+    return t;
+}
+
+__device__ __forceinline__ float block_max(float v, float* smem) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) smem[warp] = v;
+    __syncthreads();
+    float t = lane < nwarps ? smem[lane] : -INFINITY;
+    return warp_max(t);
+}
+
+// The current stream of the current device (= at::cuda::getCurrentCUDAStream()).
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+}  // namespace cuda
+}  // namespace turbo

@@ -1,0 +1,336 @@
+// Paged decode attention (one query token per sequence): flash-decoding split-K + merge, GQA-aware.
+//
+// CTA (split, kv head [x head chunk], seq), 4 warps. A "token group" of TPT = head_dim / VEC lanes holds one K/V
+// row of one token in 16-byte pieces (VEC elements per lane); a warp holds 32 / TPT token groups. Each token group
+// runs its own online softmax (in the log2 domain) over its tokens for all GROUP query heads of the KV head, so
+// K/V are read once per group of heads; the token groups are merged through shared memory at the end. With one
+// split the CTA writes the output; otherwise it writes (acc, m, l) to the workspace and a merge kernel combines
+// the splits. The split of a sequence covers [ctx * split / splits, ...) of its own context, so ragged batches
+// keep all CTAs busy. Nothing here syncs with the host or allocates: CUDA-graph friendly for a fixed num_splits.
+#include "turbo/kernels/cuda/common.cuh"
+#include "turbo/kernels/cuda/cuda_kernels.h"
+
+namespace turbo {
+namespace cuda {
+namespace {
+
+constexpr int kDecodeWarps = 4;
+#ifndef TURBO_DECODE_CTAS_PER_SM
+#define TURBO_DECODE_CTAS_PER_SM 4  // split CTAs per SM that decode_num_splits aims for
+#endif
+#ifndef TURBO_DECODE_CHUNK
+#define TURBO_DECODE_CHUNK 4  // tokens per token group per step (loads in flight) for groups of <= 4 heads
+#endif
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <typename T, int HEAD_DIM>
+struct DecodeShape {
+    static constexpr int VEC = 16 / sizeof(T);                   // elements per lane per row
+    static constexpr int TPT = HEAD_DIM / VEC;                   // lanes per token
+    static constexpr int TPW = 32 / TPT;                         // token groups per warp
+    static constexpr int NGROUPS = kDecodeWarps * TPW;           // token groups per CTA
+    static_assert(TPT >= 1 && TPT <= 32 && 32 % TPT == 0, "head_dim / VEC must divide 32");
+};
+
+template <typename T, int HEAD_DIM, int GROUP, int CHUNK>
+__global__ void __launch_bounds__(kDecodeWarps * 32)
+    paged_decode_split_kernel(T* __restrict__ out, int64_t out_stride_s, int64_t out_stride_h,
+                              const T* __restrict__ q, int64_t q_stride_s, int64_t q_stride_h,
+                              const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+                              const int* __restrict__ block_tables, int64_t bt_stride,
+                              const int* __restrict__ context_lens, float* __restrict__ ws_acc,
+                              float* __restrict__ ws_m, float* __restrict__ ws_l, int num_heads, int num_kv_heads,
+                              int group, int head_chunks, int block_size, int num_splits, int window, float scale) {
+    using S = DecodeShape<T, HEAD_DIM>;
+    constexpr int VEC = S::VEC, TPT = S::TPT, NGROUPS = S::NGROUPS;
+    __shared__ float s_acc[NGROUPS][GROUP][HEAD_DIM];
+    __shared__ float s_m[NGROUPS][GROUP];
+    __shared__ float s_l[NGROUPS][GROUP];
+
+    const int split = blockIdx.x;
+    const int kvh = blockIdx.y / head_chunks;
+    const int chunk = blockIdx.y - kvh * head_chunks;
+    const int seq = blockIdx.z;
+    const int h0 = kvh * group + chunk * GROUP;                  // first query head of this CTA
+    const int nh = min(GROUP, group - chunk * GROUP);            // query heads of this CTA
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int sub = lane % TPT;                                  // lane within the token group
+    const int gid = warp * S::TPW + lane / TPT;                  // token group in the CTA
+    const int d0 = sub * VEC;
+
+    const int ctx = context_lens[seq];
+    const int start = window > 0 ? max(0, ctx - window) : 0;
+    const int len = max(ctx - start, 0);
+    const int per = (len + num_splits - 1) / num_splits;
+    const int tb = start + min(len, split * per);
+    const int te = start + min(len, (split + 1) * per);
+
+    // q of every head of the CTA, pre-scaled into the log2 domain.
+    float qf[GROUP][VEC];
+#pragma unroll
+    for (int h = 0; h < GROUP; ++h) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+            qf[h][i] = h < nh ? to_float<T>(q[seq * q_stride_s + (h0 + h) * q_stride_h + d0 + i]) * scale * kLog2e
+                              : 0.f;
+        }
+    }
+
+    float m[GROUP], l[GROUP], acc[GROUP][VEC];
+#pragma unroll
+    for (int h = 0; h < GROUP; ++h) {
+        m[h] = -INFINITY;
+        l[h] = 0.f;
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc[h][i] = 0.f;
+    }
+
+    const int* table = block_tables + seq * bt_stride;
+    const int64_t row_stride = static_cast<int64_t>(num_kv_heads) * HEAD_DIM;  // one token slot
+    const int64_t head_off = static_cast<int64_t>(kvh) * HEAD_DIM + d0;
+
+    for (int base = tb; base < te; base += NGROUPS * CHUNK) {  // uniform over the CTA (shuffles below)
+        Vec16<T> kr[CHUNK], vr[CHUNK];
+        bool valid[CHUNK];
+#pragma unroll
+        for (int c = 0; c < CHUNK; ++c) {
+            const int tok = base + c * NGROUPS + gid;
+            valid[c] = tok < te;
+            if (valid[c]) {
+                const int page = __ldg(table + tok / block_size);
+                const int64_t slot = static_cast<int64_t>(page) * block_size + tok % block_size;
+                const int64_t off = slot * row_stride + head_off;
+                kr[c].raw = __ldg(reinterpret_cast<const uint4*>(k_cache + off));
+                vr[c].raw = __ldg(reinterpret_cast<const uint4*>(v_cache + off));
+            } else {
+                kr[c].raw = make_uint4(0, 0, 0, 0);
+                vr[c].raw = make_uint4(0, 0, 0, 0);
+            }
+        }
+        float s[CHUNK][GROUP];
+#pragma unroll
+        for (int c = 0; c < CHUNK; ++c) {
+            float kf[VEC];
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) kf[i] = to_float<T>(kr[c].v[i]);
+#pragma unroll
+            for (int h = 0; h < GROUP; ++h) {
+                float d = 0.f;
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) d = fmaf(qf[h][i], kf[i], d);
+                s[c][h] = d;
+            }
+        }
+#pragma unroll
+        for (int o = TPT / 2; o > 0; o >>= 1) {
+#pragma unroll
+            for (int c = 0; c < CHUNK; ++c) {
+#pragma unroll
+                for (int h = 0; h < GROUP; ++h) s[c][h] += __shfl_xor_sync(0xffffffffu, s[c][h], o);
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < GROUP; ++h) {
+            float mx = m[h];
+#pragma unroll
+            for (int c = 0; c < CHUNK; ++c) {
+                if (!valid[c]) s[c][h] = -INFINITY;
+                mx = fmaxf(mx, s[c][h]);
+            }
+            const float m_safe = mx == -INFINITY ? 0.f : mx;
+            const float alpha = exp2f(m[h] - m_safe);
+            float p[CHUNK];
+            float psum = 0.f;
+#pragma unroll
+            for (int c = 0; c < CHUNK; ++c) {
+                p[c] = exp2f(s[c][h] - m_safe);
+                psum += p[c];
+            }
+            l[h] = l[h] * alpha + psum;
+            m[h] = mx;
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+                float a = acc[h][i] * alpha;
+#pragma unroll
+                for (int c = 0; c < CHUNK; ++c) a = fmaf(p[c], to_float<T>(vr[c].v[i]), a);
+                acc[h][i] = a;
+            }
+        }
+    }
+
+    // Merge the token groups of the CTA.
+#pragma unroll
+    for (int h = 0; h < GROUP; ++h) {
+        if (sub == 0) {
+            s_m[gid][h] = m[h];
+            s_l[gid][h] = l[h];
+        }
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) s_acc[gid][h][d0 + i] = acc[h][i];
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < nh * HEAD_DIM; idx += blockDim.x) {
+        const int h = idx / HEAD_DIM, d = idx - h * HEAD_DIM;
+        float mx = -INFINITY;
+#pragma unroll
+        for (int g = 0; g < NGROUPS; ++g) mx = fmaxf(mx, s_m[g][h]);
+        const float m_safe = mx == -INFINITY ? 0.f : mx;
+        float lsum = 0.f, a = 0.f;
+#pragma unroll
+        for (int g = 0; g < NGROUPS; ++g) {
+            const float w = exp2f(s_m[g][h] - m_safe);
+            lsum = fmaf(s_l[g][h], w, lsum);
+            a = fmaf(s_acc[g][h][d], w, a);
+        }
+        const int head = h0 + h;
+        if (num_splits == 1) {
+            out[seq * out_stride_s + head * out_stride_h + d] = from_float<T>(lsum > 0.f ? a / lsum : 0.f);
+        } else {
+            const int64_t row = (static_cast<int64_t>(seq) * num_heads + head) * num_splits + split;
+            ws_acc[row * HEAD_DIM + d] = a;
+            if (d == 0) {
+                ws_m[row] = mx;
+                ws_l[row] = lsum;
+            }
+        }
+    }
+}
+
+template <typename T, int HEAD_DIM>
+__global__ void paged_decode_merge_kernel(T* __restrict__ out, int64_t out_stride_s, int64_t out_stride_h,
+                                          const float* __restrict__ ws_acc, const float* __restrict__ ws_m,
+                                          const float* __restrict__ ws_l, int num_heads, int num_splits) {
+    const int head = blockIdx.x, seq = blockIdx.y, d = threadIdx.x;
+    const int64_t row0 = (static_cast<int64_t>(seq) * num_heads + head) * num_splits;
+    float mx = -INFINITY;
+    for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, ws_m[row0 + s]);
+    const float m_safe = mx == -INFINITY ? 0.f : mx;
+    float lsum = 0.f, a = 0.f;
+    for (int s = 0; s < num_splits; ++s) {
+        const float w = exp2f(ws_m[row0 + s] - m_safe);
+        lsum = fmaf(ws_l[row0 + s], w, lsum);
+        a = fmaf(ws_acc[(row0 + s) * HEAD_DIM + d], w, a);
+    }
+    out[seq * out_stride_s + head * out_stride_h + d] = from_float<T>(lsum > 0.f ? a / lsum : 0.f);
+}
+
+template <typename T, int HEAD_DIM, int GROUP>
+void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                   const at::Tensor& block_tables, const at::Tensor& context_lens, float scale, int num_splits,
+                   float* ws, int window) {
+    const int num_seqs = static_cast<int>(q.size(0)), num_heads = static_cast<int>(q.size(1));
+    const int block_size = static_cast<int>(k_cache.size(1)), num_kv_heads = static_cast<int>(k_cache.size(2));
+    const int group = num_heads / num_kv_heads;
+    const int head_chunks = (group + GROUP - 1) / GROUP;
+    const int64_t rows = static_cast<int64_t>(num_seqs) * num_heads * num_splits;
+    float* ws_acc = ws;
+    float* ws_m = ws ? ws + rows * HEAD_DIM : nullptr;
+    float* ws_l = ws ? ws_m + rows : nullptr;
+    constexpr int CHUNK = GROUP >= 8 ? 2 : TURBO_DECODE_CHUNK;
+    dim3 grid(num_splits, num_kv_heads * head_chunks, num_seqs);
+    paged_decode_split_kernel<T, HEAD_DIM, GROUP, CHUNK><<<grid, kDecodeWarps * 32, 0, current_stream()>>>(
+        reinterpret_cast<T*>(out.data_ptr()), out.stride(0), out.stride(1),
+        reinterpret_cast<const T*>(q.data_ptr()), q.stride(0), q.stride(1),
+        reinterpret_cast<const T*>(k_cache.data_ptr()), reinterpret_cast<const T*>(v_cache.data_ptr()),
+        block_tables.data_ptr<int>(), block_tables.stride(0), context_lens.data_ptr<int>(), ws_acc, ws_m, ws_l,
+        num_heads, num_kv_heads, group, head_chunks, block_size, num_splits, window, scale);
+    TURBO_CHECK_LAUNCH();
+    if (num_splits > 1) {
+        paged_decode_merge_kernel<T, HEAD_DIM><<<dim3(num_heads, num_seqs), HEAD_DIM, 0, current_stream()>>>(
+            reinterpret_cast<T*>(out.data_ptr()), out.stride(0), out.stride(1), ws_acc, ws_m, ws_l, num_heads,
+            num_splits);
+        TURBO_CHECK_LAUNCH();
+    }
+}
+
+template <typename T, int HEAD_DIM>
+void dispatch_group(int group, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
+                    const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& context_lens,
+                    float scale, int num_splits, float* ws, int window) {
+    if (group <= 1) {
+        launch_decode<T, HEAD_DIM, 1>(out, q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, ws,
+                                      window);
+    } else if (group <= 2) {
+        launch_decode<T, HEAD_DIM, 2>(out, q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, ws,
+                                      window);
+    } else {
+        // Groups > 4 take several CTAs of 4 heads: adjacent in the grid, they read the same K/V mostly from L2.
+        // (One CTA of 8 heads needs ~254 registers and ran at half the bandwidth on an H100.)
+        launch_decode<T, HEAD_DIM, 4>(out, q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, ws,
+                                      window);
+    }
+}
+
+}  // namespace
+
+int64_t decode_workspace_size(int64_t num_seqs, int64_t num_heads, int64_t head_dim, int64_t num_splits) {
+    if (num_splits <= 1) return 0;
+    return num_seqs * num_heads * num_splits * (head_dim + 2) * static_cast<int64_t>(sizeof(float));
+}
+
+int64_t decode_num_splits(int64_t num_seqs, int64_t num_kv_heads, int64_t max_blocks_per_seq, int64_t block_size,
+                          int64_t num_sms) {
+    const int64_t ctas = std::max<int64_t>(1, num_seqs * num_kv_heads);
+    const int64_t want = (TURBO_DECODE_CTAS_PER_SM * num_sms + ctas - 1) / ctas;  // fill the SMs
+    const int64_t by_len = std::max<int64_t>(1, max_blocks_per_seq * block_size / 128);  // >= 128 tokens a split
+    return std::max<int64_t>(1, std::min<int64_t>({want, by_len, 128}));
+}
+
+void paged_attention_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& block_tables,
+                            const at::Tensor& context_lens, double scale, int64_t num_splits, at::Tensor& workspace,
+                            int64_t window) {
+    for (const at::Tensor* t :
+         std::initializer_list<const at::Tensor*>{&out, &q, &k_cache, &v_cache, &block_tables, &context_lens})
+        TURBO_CHECK_CUDA_TENSOR(*t);
+    TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out must be [num_seqs, num_heads, head_dim]");
+    TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "head rows of q and out must be contiguous");
+    TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "caches must be [blocks, bs, Hkv, D]");
+    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+    TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.scalar_type() == k_cache.scalar_type() &&
+                    out.scalar_type() == q.scalar_type(),
+                "q, out and the caches must share a dtype");
+    const int64_t head_dim = q.size(2);
+    TORCH_CHECK(head_dim == 64 || head_dim == 128, "head_dim must be 64 or 128, got ", head_dim);
+    TORCH_CHECK(k_cache.size(3) == head_dim, "cache head_dim must match q");
+    const int64_t num_heads = q.size(1), num_kv_heads = k_cache.size(2);
+    TORCH_CHECK(num_heads % num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads");
+    TURBO_CHECK_DTYPE(block_tables, at::kInt);
+    TURBO_CHECK_DTYPE(context_lens, at::kInt);
+    TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == q.size(0) && block_tables.stride(1) == 1,
+                "block_tables must be [num_seqs, max_blocks] with contiguous rows");
+    TORCH_CHECK(context_lens.dim() == 1 && context_lens.size(0) == q.size(0) && context_lens.is_contiguous(),
+                "context_lens must be [num_seqs]");
+    TORCH_CHECK(num_splits >= 1 && num_splits <= 65535, "num_splits must be in [1, 65535]");
+    TORCH_CHECK(q.size(0) <= 65535, "at most 65535 sequences");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(k_cache.data_ptr()) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(v_cache.data_ptr()) % 16 == 0,
+                "caches must be 16-byte aligned");
+    float* ws = nullptr;
+    if (num_splits > 1) {
+        TURBO_CHECK_CUDA_TENSOR(workspace);
+        TORCH_CHECK(workspace.is_contiguous(), "workspace must be contiguous");
+        const int64_t need = decode_workspace_size(q.size(0), num_heads, head_dim, num_splits);
+        TORCH_CHECK(workspace.numel() * workspace.element_size() >= need, "workspace too small: need ", need,
+                    " bytes");
+        TORCH_CHECK(reinterpret_cast<uintptr_t>(workspace.data_ptr()) % 16 == 0, "workspace must be 16-byte aligned");
+        ws = reinterpret_cast<float*>(workspace.data_ptr());
+    }
+    if (q.size(0) == 0) return;
+    const c10::cuda::CUDAGuard guard(q.device());
+    const int group = static_cast<int>(num_heads / num_kv_heads);
+    TURBO_DISPATCH_FLOAT_TYPES(q.scalar_type(), "paged_attention_decode", [&] {
+        if (head_dim == 64) {
+            dispatch_group<scalar_t, 64>(group, out, q, k_cache, v_cache, block_tables, context_lens,
+                                         static_cast<float>(scale), static_cast<int>(num_splits), ws,
+                                         static_cast<int>(window));
+        } else {
+            dispatch_group<scalar_t, 128>(group, out, q, k_cache, v_cache, block_tables, context_lens,
+                                          static_cast<float>(scale), static_cast<int>(num_splits), ws,
+                                          static_cast<int>(window));
+        }
+    });
+}
+
+}  // namespace cuda
+}  // namespace turbo

@@ -1,0 +1,72 @@
+// Neox-style (rotate-half) rotary embedding of q and k in place; fp32 arithmetic, one CTA per token.
+#include "turbo/kernels/cuda/common.cuh"
+#include "turbo/kernels/cuda/cuda_kernels.h"
+
+namespace turbo {
+namespace cuda {
+namespace {
+
+template <typename T, typename C, typename index_t>
+__global__ void rotary_kernel(T* __restrict__ q, int64_t q_stride_t, int64_t q_stride_h, int num_q_heads,
+                              T* __restrict__ k, int64_t k_stride_t, int64_t k_stride_h, int num_k_heads,
+                              const index_t* __restrict__ positions, const C* __restrict__ cos_sin, int rot_dim) {
+    const int t = blockIdx.x;
+    const int half = rot_dim / 2;
+    const C* cs = cos_sin + static_cast<int64_t>(positions[t]) * rot_dim;
+    const int total = (num_q_heads + num_k_heads) * half;
+    for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
+        const int h = idx / half, i = idx - h * half;
+        T* x = h < num_q_heads ? q + t * q_stride_t + h * q_stride_h
+                               : k + t * k_stride_t + (h - num_q_heads) * k_stride_h;
+        const float c = to_float<C>(cs[i]), s = to_float<C>(cs[half + i]);
+        const float x1 = to_float<T>(x[i]), x2 = to_float<T>(x[i + half]);
+        x[i] = from_float<T>(x1 * c - x2 * s);
+        x[i + half] = from_float<T>(x2 * c + x1 * s);
+    }
+}
+
+template <typename T, typename C>
+void launch_rotary(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at::Tensor& cos_sin,
+                   int rot_dim) {
+    const int tokens = static_cast<int>(q.size(0));
+    const int hq = static_cast<int>(q.size(1)), hk = static_cast<int>(k.size(1));
+    const int threads = std::min(512, std::max(64, ((hq + hk) * rot_dim / 2 + 31) / 32 * 32));
+    TURBO_DISPATCH_INDEX_TYPES(positions.scalar_type(), "rotary", [&] {
+        rotary_kernel<T, C, index_t><<<tokens, threads, 0, current_stream()>>>(
+            reinterpret_cast<T*>(q.data_ptr()), q.stride(0), q.stride(1), hq, reinterpret_cast<T*>(k.data_ptr()),
+            k.stride(0), k.stride(1), hk, positions.data_ptr<index_t>(),
+            reinterpret_cast<const C*>(cos_sin.data_ptr()), rot_dim);
+    });
+}
+
+}  // namespace
+
+void rotary(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at::Tensor& cos_sin_cache) {
+    TURBO_CHECK_CUDA_TENSOR(q);
+    TURBO_CHECK_CUDA_TENSOR(k);
+    TURBO_CHECK_CUDA_TENSOR(positions);
+    TURBO_CHECK_CUDA_TENSOR(cos_sin_cache);
+    TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "q [T, Hq, D] and k [T, Hk, D]");
+    TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1, "head rows of q and k must be contiguous");
+    TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2), "q and k must share T and D");
+    TORCH_CHECK(positions.dim() == 1 && positions.size(0) == q.size(0), "positions must be [T]");
+    TORCH_CHECK(positions.is_contiguous(), "positions must be contiguous");
+    TORCH_CHECK(cos_sin_cache.dim() == 2 && cos_sin_cache.is_contiguous(), "cos_sin_cache must be [max_pos, rot_dim]");
+    const int rot_dim = static_cast<int>(cos_sin_cache.size(1));
+    TORCH_CHECK(rot_dim % 2 == 0 && rot_dim <= q.size(2), "rot_dim must be even and <= head_dim");
+    TORCH_CHECK(k.scalar_type() == q.scalar_type(), "q and k must share a dtype");
+    if (q.size(0) == 0) return;
+    const c10::cuda::CUDAGuard guard(q.device());
+    TURBO_DISPATCH_FLOAT_TYPES(q.scalar_type(), "rotary", [&] {
+        if (cos_sin_cache.scalar_type() == at::ScalarType::Float) {
+            launch_rotary<scalar_t, float>(q, k, positions, cos_sin_cache, rot_dim);
+        } else {
+            TORCH_CHECK(cos_sin_cache.scalar_type() == q.scalar_type(), "cos_sin_cache must be float32 or q's dtype");
+            launch_rotary<scalar_t, scalar_t>(q, k, positions, cos_sin_cache, rot_dim);
+        }
+    });
+    TURBO_CHECK_LAUNCH();
+}
+
+}  // namespace cuda
+}  // namespace turbo
