@@ -1,0 +1,1 @@
+"""Python side of the turbo C++ engine (src/turbo/, built as lmkit._turbo)."""

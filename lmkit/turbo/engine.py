@@ -1,0 +1,210 @@
+"""TurboEngine: the Engine protocol over the C++ engine (lmkit._turbo).
+
+The batching loop, scheduler, block manager, model and sampler all run in C++ on the engine's own thread,
+which never takes the GIL; this class validates requests, converts types, and waits on `get_outputs` with
+the GIL released.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from lmkit import _turbo
+from lmkit.frontend.protocol import (
+    EngineCapabilities,
+    EngineOutput,
+    EngineRequest,
+    EngineStats,
+    FinishReason,
+    InvalidRequestError,
+    TokenLogprob,
+)
+from lmkit.messages import TurboEngineConfig
+from lmkit.model.loader import load_model
+from lmkit.model.spec import ModelSpec
+from lmkit.turbo.weights import turbo_weights
+
+_REASONS = {1: FinishReason.STOP, 2: FinishReason.LENGTH, 3: FinishReason.ABORT, 4: FinishReason.ERROR}
+_MASK64 = (1 << 64) - 1
+
+
+def kv_bytes_per_block(spec: ModelSpec, block_size: int, elem_bytes: int = 4) -> int:
+    return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * elem_bytes
+
+
+def _resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+class TurboEngine:
+    """The turbo engine. Thread-safe; all model work happens on its C++ loop thread."""
+
+    capabilities = EngineCapabilities(supports_lora=False)
+
+    @staticmethod
+    def supports(spec: ModelSpec, device: str) -> tuple[bool, str]:
+        if device != "cpu" and not getattr(_turbo, "cuda", False):
+            return False, f"turbo has no {device} kernels yet (CPU only)"
+        if spec.quantization:
+            return False, "turbo does not run quantized checkpoints yet"
+        if spec.head_dim % 2:
+            return False, "odd head_dim"
+        return True, ""
+
+    def __init__(self, model_path: str | Path | None, config: TurboEngineConfig | None = None) -> None:
+        self.config = config = config or TurboEngineConfig()
+        self.device = _resolve_device(config.device)
+        if self.device != "cpu":
+            raise RuntimeError(f"turbo runs on CPU only for now (asked for {config.device!r})")
+        if config.dtype not in ("auto", "float32"):
+            print(f"[lmkit] turbo on CPU computes in float32 (dtype {config.dtype!r} ignored)", file=sys.stderr)
+        if config.quant_policy not in (0,):
+            raise ValueError("turbo: quant_policy 8/4 (KV quantization) is not implemented yet")
+        if config.tp != 1:
+            raise ValueError("turbo: tensor parallelism is not supported on CPU")
+        loaded = load_model(model_path, dtype=torch.float32)
+        spec = self.spec = loaded.spec
+        ok, why = self.supports(spec, self.device)
+        if not ok:
+            raise RuntimeError(f"turbo cannot run this model: {why}")
+        self.model_path = loaded.path
+        self.vocab_size = spec.vocab_size
+        block_size = config.cache_block_seq_len
+        if config.num_blocks:
+            num_blocks = int(config.num_blocks)
+        else:
+            budget = config.cpu_kv_cache_gib * 2**30 * config.cache_max_entry_count
+            num_blocks = max(1, int(budget // kv_bytes_per_block(spec, block_size)))
+        self.session_len = min(spec.max_position_embeddings, config.session_len or sys.maxsize)
+        if num_blocks * block_size < self.session_len:
+            print(
+                f"[lmkit] session_len {self.session_len} capped at the KV pool's {num_blocks * block_size} tokens",
+                file=sys.stderr,
+            )
+            self.session_len = num_blocks * block_size
+        self.num_blocks, self.block_size = num_blocks, block_size
+
+        ecfg = _turbo.EngineConfig()
+        ecfg.max_num_seqs = config.max_batch_size
+        ecfg.max_num_batched_tokens = config.max_num_batched_tokens
+        ecfg.num_blocks = num_blocks
+        ecfg.block_size = block_size
+        ecfg.enable_prefix_caching = config.enable_prefix_caching
+        ecfg.session_len = self.session_len
+        ecfg.num_threads = config.num_threads or len(os.sched_getaffinity(0))
+        ecfg.quant_policy = config.quant_policy
+        mcfg = _turbo.ModelConfig()
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+            "rms_norm_eps",
+            "qkv_bias",
+            "qk_norm",
+        ):
+            setattr(mcfg, name, getattr(spec, name))
+        mcfg.sliding_window = spec.sliding_window or 0
+        weights = turbo_weights(spec, loaded.weights, max_positions=self.session_len)
+        del loaded
+        self._engine = _turbo.Engine(ecfg, mcfg, weights)
+        del weights
+        print(
+            f"[lmkit] turbo engine on cpu: {num_blocks} KV blocks x {block_size} = {num_blocks * block_size} tokens "
+            f"({num_blocks * kv_bytes_per_block(spec, block_size) / 2**20:.0f} MiB), session_len {self.session_len}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    # ---- Engine protocol ----
+    def add_request(self, request: EngineRequest) -> None:
+        sp = request.sampling
+        ids = request.prompt_token_ids
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        if sp.max_new_tokens < 1:
+            raise InvalidRequestError(f"max_new_tokens must be >= 1, got {sp.max_new_tokens}")
+        if sp.temperature < 0:
+            raise InvalidRequestError(f"temperature must be >= 0, got {sp.temperature}")
+        if not 0 < sp.top_p <= 1:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {sp.top_p}")
+        if sp.top_k < 0 or not 0 <= sp.min_p <= 1 or sp.repetition_penalty <= 0:
+            raise InvalidRequestError("top_k must be >= 0, min_p in [0, 1], repetition_penalty > 0")
+        if sp.logprobs is not None and not 0 <= sp.logprobs <= self.capabilities.max_top_logprobs:
+            raise InvalidRequestError(f"logprobs must be in [0, {self.capabilities.max_top_logprobs}]")
+        if request.adapter is not None:
+            raise InvalidRequestError("the turbo engine does not support LoRA adapters")
+        if len(ids) + 1 > self.session_len:
+            limit = "the KV pool's capacity" if self.session_len == self.num_blocks * self.block_size else "session_len"
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens; with one new token it exceeds {limit} {self.session_len}"
+            )
+        params = {
+            "max_new_tokens": sp.max_new_tokens,
+            "temperature": sp.temperature,
+            "top_p": sp.top_p,
+            "top_k": sp.top_k,
+            "min_p": sp.min_p,
+            "repetition_penalty": sp.repetition_penalty,
+            "seed": None if sp.seed is None else sp.seed & _MASK64,
+            "stop_token_ids": list(sp.stop_token_ids),
+            "ignore_eos": sp.ignore_eos,
+            "logprobs": sp.logprobs,
+        }
+        try:
+            self._engine.add_request(request.request_id, ids, params)
+        except (ValueError, TypeError) as e:  # _turbo.InvalidRequest is a ValueError
+            raise InvalidRequestError(
+                str(e) if isinstance(e, ValueError) else f"prompt token ids must be ints in [0, {self.vocab_size})"
+            ) from e
+
+    def abort_request(self, request_id: str) -> None:
+        self._engine.abort_request(request_id)
+
+    def get_outputs(self, timeout: float | None = None) -> list[EngineOutput]:
+        raw = self._engine.get_outputs(-1.0 if timeout is None else max(0.0, float(timeout)))
+        return [self._convert(o) for o in raw]
+
+    @staticmethod
+    def _convert(o) -> EngineOutput:
+        lps = o.logprobs
+        reason = _REASONS.get(o.finish_reason)
+        return EngineOutput(
+            request_id=o.request_id,
+            new_token_ids=list(o.new_token_ids),
+            logprobs=None if lps is None else [TokenLogprob(t, lp, list(top)) for t, lp, top in lps],
+            finish_reason=reason,
+            error=o.error or None if reason is FinishReason.ERROR else None,
+            num_prompt_tokens=o.num_prompt_tokens,
+            num_cached_tokens=o.num_cached_tokens,
+        )
+
+    def stats(self) -> EngineStats:
+        s = self._engine.stats()
+        return EngineStats(
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            num_blocks_total=s.num_blocks_total,
+            num_blocks_free=s.num_blocks_free,
+            num_blocks_cached=s.num_blocks_cached,
+            num_prefill_tokens=s.num_prefill_tokens,
+            num_generated_tokens=s.num_generated_tokens,
+            num_steps=s.num_steps,
+        )
+
+    @property
+    def num_preemptions(self) -> int:
+        return self._engine.stats().num_preemptions
+
+    def shutdown(self) -> None:
+        self._engine.shutdown()

@@ -1,0 +1,71 @@
+"""Turbo's weight layout: HF-named weights (lmkit.model.loader) -> fused, contiguous fp32 tensors.
+
+embed, norm, lm_head, rope.cos, rope.sin [P, head_dim/2],
+layers.{i}.input_norm, qkv ([q; k; v] rows), qkv_bias (Qwen2), q_norm/k_norm (Qwen3), o,
+post_norm, gate_up ([gate; up] rows), down
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lmkit.model.spec import ModelSpec
+
+
+def inv_frequencies(spec: ModelSpec) -> torch.Tensor:
+    """Rotary inverse frequencies computed as HF transformers does (default, linear, llama3), fp32."""
+    dim, base, scaling = spec.head_dim, spec.rope_theta, spec.rope_scaling
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if scaling.type == "linear":
+        return inv_freq / scaling.factor
+    if scaling.type != "llama3":
+        return inv_freq
+    old_len = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_len / scaling.low_freq_factor
+    high_freq_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_tables(spec: ModelSpec, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each [max_positions, head_dim / 2] fp32 (the kernel rotates the two halves)."""
+    freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_frequencies(spec)[None, :]
+    return freqs.cos().contiguous(), freqs.sin().contiguous()
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float32).contiguous()
+
+
+def turbo_weights(spec: ModelSpec, weights: dict[str, torch.Tensor], max_positions: int) -> dict[str, torch.Tensor]:
+    """Fuse and rename HF weights for the C++ engine. Consumes `weights` (entries are popped as they go)."""
+    out: dict[str, torch.Tensor] = {}
+    embed = weights.pop("model.embed_tokens.weight")
+    lm_head = weights.pop("lm_head.weight")
+    out["embed"] = _f32(embed)
+    out["lm_head"] = out["embed"] if lm_head is embed or lm_head.data_ptr() == embed.data_ptr() else _f32(lm_head)
+    out["norm"] = _f32(weights.pop("model.norm.weight"))
+    out["rope.cos"], out["rope.sin"] = rope_tables(spec, max_positions)
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}."
+        q = f"layers.{i}."
+        attn = [weights.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"]
+        out[q + "qkv"] = _f32(torch.cat(attn, dim=0))
+        if spec.qkv_bias:
+            out[q + "qkv_bias"] = _f32(torch.cat([weights.pop(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
+        if spec.qk_norm:
+            out[q + "q_norm"] = _f32(weights.pop(p + "self_attn.q_norm.weight"))
+            out[q + "k_norm"] = _f32(weights.pop(p + "self_attn.k_norm.weight"))
+        out[q + "o"] = _f32(weights.pop(p + "self_attn.o_proj.weight"))
+        gate_up = [weights.pop(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")]
+        out[q + "gate_up"] = _f32(torch.cat(gate_up, dim=0))
+        out[q + "down"] = _f32(weights.pop(p + "mlp.down_proj.weight"))
+        out[q + "input_norm"] = _f32(weights.pop(p + "input_layernorm.weight"))
+        out[q + "post_norm"] = _f32(weights.pop(p + "post_attention_layernorm.weight"))
+    return out

@@ -1,0 +1,334 @@
+#include "turbo/engine/engine.h"
+
+#include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <stdexcept>
+
+#include "turbo/kernels/kernels.h"
+
+namespace turbo {
+
+Engine::Engine(const EngineConfig& config, const ModelConfig& model_config, const WeightMap& weights)
+    : config_(config), model_config_(model_config) {
+  if (config.num_blocks < 1 || config.block_size < 1) throw std::invalid_argument("num_blocks, block_size >= 1");
+  if (config.max_num_seqs < 1 || config.max_num_batched_tokens < 1)
+    throw std::invalid_argument("max_num_seqs and max_num_batched_tokens must be >= 1");
+  if (config.quant_policy != 0) throw std::invalid_argument("turbo: KV quantization is not implemented yet");
+  model_ = std::make_unique<LlamaModel>(model_config, weights);
+  kv_ = KVCache(model_config.num_layers, config.num_blocks, config.block_size, model_config.num_kv_heads,
+                model_config.head_dim, at::TensorOptions().dtype(at::kFloat));
+  bm_ = std::make_unique<BlockManager>(config.num_blocks, config.block_size, config.enable_prefix_caching);
+  scheduler_ = std::make_unique<Scheduler>(bm_.get(), config.max_num_seqs, config.max_num_batched_tokens);
+  stats_.num_blocks_total = stats_.num_blocks_free = config.num_blocks;
+  thread_ = std::thread([this] { loop(); });
+}
+
+Engine::~Engine() { shutdown(); }
+
+void Engine::add_request(const std::string& request_id, std::vector<int32_t> prompt, SamplingParams sampling) {
+  const int64_t n = static_cast<int64_t>(prompt.size());
+  if (n == 0) throw std::invalid_argument("the prompt is empty");
+  for (int32_t t : prompt)
+    if (t < 0 || t >= model_config_.vocab_size)
+      throw std::invalid_argument("prompt token id " + std::to_string(t) + " is outside [0, " +
+                                  std::to_string(model_config_.vocab_size) + ")");
+  if (n + 1 > config_.session_len)
+    throw std::invalid_argument("the prompt has " + std::to_string(n) +
+                                " tokens; with one new token it exceeds session_len " +
+                                std::to_string(config_.session_len));
+  if (bm_->blocks_needed(n + 1) > config_.num_blocks)
+    throw std::invalid_argument("the KV pool (" + std::to_string(config_.num_blocks) + " blocks of " +
+                                std::to_string(config_.block_size) + " tokens) is too small for this request");
+  if (sampling.max_new_tokens < 1) throw std::invalid_argument("max_new_tokens must be >= 1");
+
+  auto seq = std::make_unique<Sequence>();
+  seq->request_id = request_id;
+  seq->num_prompt_tokens = static_cast<int>(n);
+  seq->max_tokens = static_cast<int>(std::min<int64_t>(n + sampling.max_new_tokens, config_.session_len));
+  seq->tokens = std::move(prompt);
+  if (sampling.has_seed) {
+    seq->seed = sampling.seed;
+  } else {
+    static thread_local std::mt19937_64 rng{std::random_device{}()};
+    seq->seed = rng();
+  }
+  seq->sampling = std::move(sampling);
+  std::lock_guard<std::mutex> lock(in_mu_);
+  if (!accepting_) throw std::invalid_argument("the engine is shut down");
+  if (!live_ids_.insert(request_id).second)
+    throw std::invalid_argument("request id '" + request_id + "' is already running");
+  inbox_.push_back(Command{Command::kAdd, std::move(seq), request_id});
+  in_cv_.notify_one();
+}
+
+void Engine::abort_request(const std::string& request_id) {
+  std::lock_guard<std::mutex> lock(in_mu_);
+  if (!live_ids_.count(request_id)) return;
+  inbox_.push_back(Command{Command::kAbort, nullptr, request_id});
+  in_cv_.notify_one();
+}
+
+std::vector<Output> Engine::get_outputs(double timeout_s) {
+  std::unique_lock<std::mutex> lock(out_mu_);
+  // After shutdown an untimed wait returns at once; a timed one still waits (so a polling reader does not spin).
+  if (timeout_s < 0) {
+    out_cv_.wait(lock, [this] { return !outbox_.empty() || stopped_; });
+  } else if (timeout_s > 0) {
+    out_cv_.wait_for(lock, std::chrono::duration<double>(timeout_s), [this] { return !outbox_.empty(); });
+  }
+  std::vector<Output> out;
+  out.swap(outbox_);
+  return out;
+}
+
+EngineStats Engine::stats() const {
+  std::lock_guard<std::mutex> lock(out_mu_);
+  return stats_;
+}
+
+void Engine::shutdown() {
+  {
+    std::lock_guard<std::mutex> lock(in_mu_);
+    if (accepting_) {
+      accepting_ = false;
+      inbox_.push_back(Command{Command::kStop, nullptr, ""});
+      in_cv_.notify_one();
+    }
+  }
+  if (thread_.joinable()) thread_.join();
+}
+
+// ---- the loop ----
+
+void Engine::loop() {
+  c10::InferenceMode guard;
+  at::init_num_threads();
+  if (config_.num_threads > 0) at::set_num_threads(config_.num_threads);
+  while (admit(!scheduler_->has_work())) {
+    if (!scheduler_->has_work()) continue;
+    try {
+      step();
+    } catch (const std::exception& e) {  // a bug in the loop: fail every live request, keep serving
+      std::vector<Output> outputs;
+      std::vector<Sequence*> all;
+      for (auto& [id, seq] : live_) all.push_back(seq.get());
+      for (Sequence* seq : all) end(seq, FinishReason::kError, outputs, std::string("engine error: ") + e.what());
+      emit(outputs);
+    }
+  }
+  std::vector<Output> outputs;
+  std::vector<Sequence*> all;
+  for (auto& [id, seq] : live_) all.push_back(seq.get());
+  for (Sequence* seq : all) end(seq, FinishReason::kAbort, outputs);
+  {
+    std::lock_guard<std::mutex> lock(out_mu_);
+    stopped_ = true;
+  }
+  emit(outputs);
+}
+
+bool Engine::admit(bool block) {
+  std::deque<Command> cmds;
+  {
+    std::unique_lock<std::mutex> lock(in_mu_);
+    if (block) in_cv_.wait(lock, [this] { return !inbox_.empty(); });
+    cmds.swap(inbox_);
+  }
+  std::vector<Output> outputs;
+  bool keep_going = true;
+  for (Command& c : cmds) {
+    if (c.kind == Command::kStop) {
+      keep_going = false;
+      break;
+    }
+    if (c.kind == Command::kAdd) {
+      Sequence* seq = c.seq.get();
+      seq->arrival = arrivals_++;
+      live_[seq->request_id] = std::move(c.seq);
+      scheduler_->add(seq);
+    } else {
+      auto it = live_.find(c.request_id);
+      if (it != live_.end()) end(it->second.get(), FinishReason::kAbort, outputs);
+    }
+  }
+  emit(outputs);
+  return keep_going;
+}
+
+ForwardBatch Engine::build_batch(const ScheduledBatch& batch, std::vector<int>& sample_seq) {
+  const int64_t S = static_cast<int64_t>(batch.seqs.size());
+  const int BS = config_.block_size;
+  int64_t T = 0, max_blocks = 1;
+  for (int64_t i = 0; i < S; ++i) {
+    T += batch.num_new_tokens[i];
+    max_blocks = std::max<int64_t>(max_blocks, batch.seqs[i]->table.blocks.size());
+  }
+  auto i64 = at::TensorOptions().dtype(at::kLong);
+  auto i32 = at::TensorOptions().dtype(at::kInt);
+  ForwardBatch fb;
+  fb.token_ids = at::empty({T}, i64);
+  fb.positions = at::empty({T}, i64);
+  fb.slot_mapping = at::empty({T}, i64);
+  fb.block_tables = at::zeros({S, max_blocks}, i32);
+  fb.cu_q_lens = at::empty({S + 1}, i32);
+  fb.kv_lens = at::empty({S}, i32);
+  int64_t* tok = fb.token_ids.data_ptr<int64_t>();
+  int64_t* pos = fb.positions.data_ptr<int64_t>();
+  int64_t* slot = fb.slot_mapping.data_ptr<int64_t>();
+  int32_t* bt = fb.block_tables.data_ptr<int32_t>();
+  int32_t* cu = fb.cu_q_lens.data_ptr<int32_t>();
+  int32_t* kvl = fb.kv_lens.data_ptr<int32_t>();
+  std::vector<int64_t> rows;
+  int64_t r = 0;
+  cu[0] = 0;
+  for (int64_t i = 0; i < S; ++i) {
+    const Sequence& seq = *batch.seqs[i];
+    const int64_t start = seq.num_computed_tokens, n = batch.num_new_tokens[i];
+    for (int64_t j = 0; j < n; ++j, ++r) {
+      const int64_t p = start + j;
+      tok[r] = seq.tokens[p];
+      pos[r] = p;
+      slot[r] = static_cast<int64_t>(seq.table.blocks[p / BS]) * BS + p % BS;
+    }
+    std::copy(seq.table.blocks.begin(), seq.table.blocks.end(), bt + i * max_blocks);
+    cu[i + 1] = static_cast<int32_t>(r);
+    kvl[i] = static_cast<int32_t>(start + n);
+    if (batch.samples(i)) {
+      rows.push_back(r - 1);
+      sample_seq.push_back(static_cast<int>(i));
+    }
+  }
+  fb.sample_rows = at::empty({static_cast<int64_t>(rows.size())}, i64);
+  std::copy(rows.begin(), rows.end(), fb.sample_rows.data_ptr<int64_t>());
+  return fb;
+}
+
+void Engine::step() {
+  ScheduledBatch batch = scheduler_->schedule();
+  std::vector<Output> outputs;
+  counters_.num_preemptions = scheduler_->num_preemptions();
+  for (Sequence* seq : batch.failed)
+    end(seq, FinishReason::kError, outputs,
+        "the request needs more KV blocks than the pool's " + std::to_string(config_.num_blocks));
+  if (batch.empty()) {
+    emit(outputs);
+    return;
+  }
+  std::vector<int> sample_seq;
+  std::vector<int32_t> tokens;
+  std::vector<TokenLogprob> logprobs;
+  using clock = std::chrono::steady_clock;
+  static const bool profile = std::getenv("TURBO_PROFILE") != nullptr;
+  static double t_fwd = 0, t_sample = 0, t_other = 0;
+  static int64_t n_prof = 0;
+  auto t0 = clock::now(), t1 = t0, t2 = t0;
+  try {
+    ForwardBatch fb = build_batch(batch, sample_seq);
+    at::Tensor logits = model_->forward(fb, kv_);
+    t1 = clock::now();
+    std::vector<kernels::SampleRow> rows;
+    rows.reserve(sample_seq.size());
+    for (int i : sample_seq) {
+      const Sequence& s = *batch.seqs[i];
+      rows.push_back({&s.sampling, s.tokens.data(), s.size(), s.seed, static_cast<int64_t>(s.num_generated())});
+    }
+    if (!rows.empty()) kernels::sample(logits, rows, tokens, logprobs);
+    t2 = clock::now();
+  } catch (const std::exception& e) {  // a failed forward fails its requests, not the engine
+    for (Sequence* seq : batch.seqs) end(seq, FinishReason::kError, outputs, e.what());
+    emit(outputs);
+    return;
+  }
+  ++counters_.num_steps;
+  for (size_t i = 0; i < batch.seqs.size(); ++i) {
+    const Sequence& s = *batch.seqs[i];
+    const int64_t done = s.num_computed_tokens, n = batch.num_new_tokens[i];
+    counters_.num_prefill_tokens += std::max<int64_t>(0, std::min<int64_t>(done + n, s.num_prompt_tokens) - done);
+  }
+  scheduler_->advance(batch);
+  for (size_t k = 0; k < sample_seq.size(); ++k) {
+    Sequence* seq = batch.seqs[sample_seq[k]];
+    const int32_t token = tokens[k];
+    seq->tokens.push_back(token);
+    ++counters_.num_generated_tokens;
+    if (seq->sampling.logprobs >= 0) seq->pending_logprobs.push_back(std::move(logprobs[k]));
+    FinishReason reason = FinishReason::kNone;
+    const auto& stops = seq->sampling.stop_token_ids;
+    if (!seq->sampling.ignore_eos && std::find(stops.begin(), stops.end(), token) != stops.end()) {
+      reason = FinishReason::kStop;
+    } else if (seq->size() >= seq->max_tokens) {
+      reason = FinishReason::kLength;
+    }
+    if (reason != FinishReason::kNone) {
+      end(seq, reason, outputs);
+    } else {
+      outputs.push_back(make_output(*seq, FinishReason::kNone));
+    }
+  }
+  emit(outputs);
+  if (profile) {
+    auto t3 = clock::now();
+    t_fwd += std::chrono::duration<double>(t1 - t0).count();
+    t_sample += std::chrono::duration<double>(t2 - t1).count();
+    t_other += std::chrono::duration<double>(t3 - t2).count();
+    if (++n_prof % 32 == 0) {
+      std::fprintf(stderr, "[turbo] per step: forward %.2f ms, sample %.2f ms, other %.2f ms (batch %zu)\n",
+                   1e3 * t_fwd / 32, 1e3 * t_sample / 32, 1e3 * t_other / 32, batch.seqs.size());
+      t_fwd = t_sample = t_other = 0;
+    }
+  }
+}
+
+Output Engine::make_output(Sequence& seq, FinishReason reason, const std::string& error) {
+  Output out;
+  out.request_id = seq.request_id;
+  const int begin = seq.num_prompt_tokens + seq.num_sent_tokens;
+  out.new_token_ids.assign(seq.tokens.begin() + begin, seq.tokens.end());
+  const bool first = seq.num_sent_tokens == 0;
+  seq.num_sent_tokens += static_cast<int>(out.new_token_ids.size());
+  if (seq.sampling.logprobs >= 0) {
+    out.has_logprobs = true;
+    out.logprobs.swap(seq.pending_logprobs);
+  }
+  out.finish_reason = reason;
+  out.error = error;
+  if (first || reason != FinishReason::kNone) {
+    out.num_prompt_tokens = seq.num_prompt_tokens;
+    out.num_cached_tokens = seq.num_cached_tokens;
+  }
+  return out;
+}
+
+void Engine::end(Sequence* seq, FinishReason reason, std::vector<Output>& outputs, const std::string& error) {
+  if (seq->status != SeqStatus::kFinished) scheduler_->finish(seq);
+  outputs.push_back(make_output(*seq, reason, error));
+  const std::string id = seq->request_id;
+  {
+    std::lock_guard<std::mutex> lock(in_mu_);
+    live_ids_.erase(id);
+  }
+  live_.erase(id);  // frees seq
+}
+
+void Engine::emit(std::vector<Output>& outputs) {
+  std::lock_guard<std::mutex> lock(out_mu_);
+  stats_ = counters_;
+  stats_.num_running = static_cast<int64_t>(scheduler_->num_running());
+  stats_.num_waiting = static_cast<int64_t>(scheduler_->num_waiting());
+  stats_.num_blocks_total = bm_->num_blocks_total();
+  stats_.num_blocks_free = bm_->num_blocks_free();
+  stats_.num_blocks_cached = bm_->num_blocks_cached();
+  stats_.num_cache_hit_blocks = bm_->num_hits();
+  stats_.num_preemptions = scheduler_->num_preemptions();
+  if (outputs.empty()) return;
+  for (Output& o : outputs) outbox_.push_back(std::move(o));
+  outputs.clear();
+  out_cv_.notify_all();
+}
+
+}  // namespace turbo

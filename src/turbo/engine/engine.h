@@ -1,0 +1,103 @@
+// The turbo engine: a persistent batching loop on its own std::thread. See README.md for the contract.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "turbo/engine/scheduler.h"
+#include "turbo/engine/sequence.h"
+#include "turbo/kv/block_manager.h"
+#include "turbo/kv/kv_cache.h"
+#include "turbo/models/llama.h"
+
+namespace turbo {
+
+struct EngineConfig {
+  int max_num_seqs = 128;
+  int max_num_batched_tokens = 2048;
+  int num_blocks = 0;
+  int block_size = 64;
+  bool enable_prefix_caching = true;
+  int session_len = 4096;
+  int num_threads = 0;   // 0: the default (all cores)
+  int quant_policy = 0;  // KV quantization: 0 only, for now
+};
+
+struct EngineStats {
+  int64_t num_running = 0, num_waiting = 0;
+  int64_t num_blocks_total = 0, num_blocks_free = 0, num_blocks_cached = 0;
+  int64_t num_prefill_tokens = 0, num_generated_tokens = 0, num_steps = 0, num_preemptions = 0;
+  int64_t num_cache_hit_blocks = 0;
+};
+
+class Engine {
+ public:
+  Engine(const EngineConfig& config, const ModelConfig& model_config, const WeightMap& weights);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Thread-safe. add_request throws std::invalid_argument for a request that can never run.
+  void add_request(const std::string& request_id, std::vector<int32_t> prompt, SamplingParams sampling);
+  void abort_request(const std::string& request_id);
+  // Waits up to timeout_s (< 0: forever) for outputs, then returns all of them. Never holds the engine up.
+  std::vector<Output> get_outputs(double timeout_s);
+  EngineStats stats() const;
+  // Stops the loop; in-flight requests end with ABORT (their outputs stay readable). Idempotent.
+  void shutdown();
+
+  const EngineConfig& config() const { return config_; }
+
+ private:
+  struct Command {
+    enum Kind { kAdd, kAbort, kStop } kind;
+    std::unique_ptr<Sequence> seq;
+    std::string request_id;
+  };
+
+  void loop();
+  bool admit(bool block);  // apply queued commands; false once stop is requested
+  void step();
+  void emit(std::vector<Output>& outputs);
+  Output make_output(Sequence& seq, FinishReason reason, const std::string& error = "");
+  void end(Sequence* seq, FinishReason reason, std::vector<Output>& outputs, const std::string& error = "");
+  ForwardBatch build_batch(const ScheduledBatch& batch, std::vector<int>& sample_seq);
+
+  EngineConfig config_;
+  ModelConfig model_config_;
+
+  // Inbox (any thread -> loop).
+  mutable std::mutex in_mu_;
+  std::condition_variable in_cv_;
+  std::deque<Command> inbox_;
+  std::unordered_set<std::string> live_ids_;  // requests added and not yet finished (guarded by in_mu_)
+  bool accepting_ = true;
+
+  // Outbox (loop -> get_outputs), with the stats snapshot taken at each emission.
+  mutable std::mutex out_mu_;
+  std::condition_variable out_cv_;
+  std::vector<Output> outbox_;
+  EngineStats stats_;
+  bool stopped_ = false;
+
+  // Owned by the loop thread only (after construction).
+  std::unique_ptr<LlamaModel> model_;
+  KVCache kv_;
+  std::unique_ptr<BlockManager> bm_;
+  std::unique_ptr<Scheduler> scheduler_;
+  std::unordered_map<std::string, std::unique_ptr<Sequence>> live_;
+  int64_t arrivals_ = 0;
+  EngineStats counters_;
+
+  std::thread thread_;
+};
+
+}  // namespace turbo

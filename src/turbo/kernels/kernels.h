@@ -1,0 +1,47 @@
+// The kernel dispatch layer: one entry point per op on at::Tensors; each checks its arguments and calls the
+// implementation for the tensors' device (kernels/cpu/ now; kernels/cuda/ when built with TURBO_WITH_CUDA).
+// Models call only these functions, never a device implementation directly.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "turbo/engine/sequence.h"
+
+namespace turbo::kernels {
+
+// out = x / rms(x) * w over the last dim. x may be a strided view ([N, D] or [N, M, D], last dim contiguous);
+// out may alias x (in place).
+void rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, double eps);
+// residual += x; x = rms_norm(residual) * w   (both [N, D] contiguous, in place).
+void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& w, double eps);
+// In place, neox style (halves): x [T, heads, D] strided view; positions int64 [T]; cos, sin [P, D/2].
+void rotary(at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin);
+// gate_up [T, 2I] -> silu(gate) * up [T, I].
+at::Tensor silu_mul(const at::Tensor& gate_up);
+// k, v [T, KVH, D] strided views -> caches [NB, BS, KVH, D] at flat slots (int64 [T]; -1 = skip).
+void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+              const at::Tensor& slot_mapping);
+// Attention over the blocked cache for a batch of sequences, prefill chunks and decodes alike.
+//   q [T, H, D] (strided view), out [T, H, D] contiguous; block_tables int32 [S, max_blocks];
+//   cu_q_lens int32 [S+1] (query tokens of seq s are rows cu[s]..cu[s+1]); kv_lens int32 [S] (cached + new
+//   tokens of seq s, whose KV is already written). Query i of seq s sits at position kv_len - q_len + i and
+//   sees keys 0..position (causal), restricted to the last `sliding_window` positions when > 0.
+void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& block_tables, const at::Tensor& cu_q_lens, const at::Tensor& kv_lens,
+                     double scale, int64_t sliding_window);
+
+// Sampling: one token per row of logits [n, V] (fp32).
+struct SampleRow {
+  const SamplingParams* params = nullptr;
+  const int32_t* history = nullptr;  // prompt + generated (repetition penalty)
+  int64_t history_len = 0;
+  uint64_t seed = 0;
+  int64_t step = 0;  // tokens generated so far: with the seed, keys the draw (batch-independent)
+};
+void sample(const at::Tensor& logits, const std::vector<SampleRow>& rows, std::vector<int32_t>& tokens,
+            std::vector<TokenLogprob>& logprobs);
+
+}  // namespace turbo::kernels

@@ -1,0 +1,91 @@
+#include "turbo/models/llama.h"
+
+#include <cmath>
+#include <stdexcept>
+
+#include "turbo/kernels/kernels.h"
+
+namespace turbo {
+namespace {
+
+at::Tensor get(const WeightMap& w, const std::string& name, bool required = true) {
+  auto it = w.find(name);
+  if (it == w.end()) {
+    if (required) throw std::invalid_argument("turbo: missing weight '" + name + "'");
+    return {};
+  }
+  at::Tensor t = it->second;
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "turbo: weight ", name, " must be float32");
+  return t.is_contiguous() ? t : t.contiguous();
+}
+
+}  // namespace
+
+LlamaModel::LlamaModel(const ModelConfig& cfg, const WeightMap& w) : cfg_(cfg) {
+  embed_ = get(w, "embed");
+  norm_ = get(w, "norm");
+  lm_head_ = std::make_unique<DenseLinear>(get(w, "lm_head"));
+  rope_cos_ = get(w, "rope.cos");
+  rope_sin_ = get(w, "rope.sin");
+  TORCH_CHECK(rope_cos_.size(1) == cfg.head_dim / 2, "rope tables must be [P, head_dim/2]");
+  const int64_t qkv_out = static_cast<int64_t>(cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim;
+  for (int i = 0; i < cfg.num_layers; ++i) {
+    const std::string p = "layers." + std::to_string(i) + ".";
+    Layer l;
+    l.input_norm = get(w, p + "input_norm");
+    l.post_norm = get(w, p + "post_norm");
+    at::Tensor qkv = get(w, p + "qkv");
+    TORCH_CHECK(qkv.size(0) == qkv_out && qkv.size(1) == cfg.hidden_size, "turbo: ", p, "qkv has a wrong shape");
+    l.qkv = std::make_unique<DenseLinear>(qkv, cfg.qkv_bias ? get(w, p + "qkv_bias") : at::Tensor());
+    if (cfg.qk_norm) {
+      l.q_norm = get(w, p + "q_norm");
+      l.k_norm = get(w, p + "k_norm");
+    }
+    l.o = std::make_unique<DenseLinear>(get(w, p + "o"));
+    l.gate_up = std::make_unique<DenseLinear>(get(w, p + "gate_up"));
+    l.down = std::make_unique<DenseLinear>(get(w, p + "down"));
+    layers_.push_back(std::move(l));
+  }
+}
+
+at::Tensor LlamaModel::forward(const ForwardBatch& b, KVCache& kv) const {
+  const int64_t T = b.token_ids.size(0);
+  const int64_t H = cfg_.num_heads, KVH = cfg_.num_kv_heads, D = cfg_.head_dim;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  at::Tensor x = at::index_select(embed_, 0, b.token_ids);  // [T, hidden]
+  at::Tensor residual;
+  at::Tensor attn = at::empty({T, H, D}, x.options());
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const Layer& l = layers_[i];
+    if (i == 0) {
+      residual = x;
+      x = at::empty_like(residual);
+      kernels::rms_norm(x, residual, l.input_norm, cfg_.rms_norm_eps);
+    } else {
+      kernels::fused_add_rms_norm(x, residual, l.input_norm, cfg_.rms_norm_eps);
+    }
+    at::Tensor qkv = l.qkv->forward(x);  // [T, (H + 2 KVH) D]
+    at::Tensor q = qkv.narrow(1, 0, H * D).view({T, H, D});
+    at::Tensor k = qkv.narrow(1, H * D, KVH * D).view({T, KVH, D});
+    at::Tensor v = qkv.narrow(1, (H + KVH) * D, KVH * D).view({T, KVH, D});
+    if (cfg_.qk_norm) {
+      kernels::rms_norm(q, q, l.q_norm, cfg_.rms_norm_eps);
+      kernels::rms_norm(k, k, l.k_norm, cfg_.rms_norm_eps);
+    }
+    kernels::rotary(q, b.positions, rope_cos_, rope_sin_);
+    kernels::rotary(k, b.positions, rope_cos_, rope_sin_);
+    kernels::write_kv(k, v, kv.k[i], kv.v[i], b.slot_mapping);
+    kernels::paged_attention(attn, q, kv.k[i], kv.v[i], b.block_tables, b.cu_q_lens, b.kv_lens, scale,
+                             cfg_.sliding_window);
+    x = l.o->forward(attn.view({T, H * D}));
+    kernels::fused_add_rms_norm(x, residual, l.post_norm, cfg_.rms_norm_eps);
+    x = l.down->forward(kernels::silu_mul(l.gate_up->forward(x)));
+  }
+  // Only the rows that sample need the final norm and the LM head.
+  at::Tensor xs = at::index_select(x, 0, b.sample_rows);
+  at::Tensor rs = at::index_select(residual, 0, b.sample_rows);
+  kernels::fused_add_rms_norm(xs, rs, norm_, cfg_.rms_norm_eps);
+  return lm_head_->forward(xs);
+}
+
+}  // namespace turbo
