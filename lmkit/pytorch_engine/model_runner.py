@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from lmkit.model.spec import ModelSpec
-from lmkit.pytorch_engine.kernels import AttentionMetadata, PrefillChunk
+from lmkit.pytorch_engine.kernels import AttentionMetadata, PrefillBatch, PrefillChunk
 from lmkit.pytorch_engine.models.llama import LlamaForCausalLM
 from lmkit.pytorch_engine.scheduler import ScheduledBatch
 from lmkit.pytorch_engine.sequence import Sequence
@@ -50,7 +50,7 @@ class ModelRunner:
         order += [i for i, n in enumerate(batch.num_new_tokens) if n > 1]
         input_ids, positions, slots, logits_rows, sample_idx = [], [], [], [], []
         meta = AttentionMetadata(slot_mapping=None, num_decode=len(order) - sum(n > 1 for n in batch.num_new_tokens))
-        decode_tables, decode_lens = [], []
+        decode_tables, decode_lens, fresh = [], [], []
         for i in order:
             seq, n = batch.seqs[i], batch.num_new_tokens[i]
             start = seq.num_computed_tokens
@@ -61,6 +61,8 @@ class ModelRunner:
             if n == 1:
                 decode_tables.append(seq.block_table)
                 decode_lens.append(start + 1)
+            elif self._is_fresh(seq, n):
+                fresh.append((row, n))
             else:
                 meta.prefills.append(self._prefill_chunk(seq, row, n))
             if batch.samples(i):
@@ -70,6 +72,7 @@ class ModelRunner:
         meta.slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
         if decode_lens:
             self._decode_context(meta, decode_tables, decode_lens)
+        self._batch_fresh_chunks(meta, fresh)
         logits = self.model.forward(
             torch.tensor(input_ids, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),
@@ -92,12 +95,28 @@ class ModelRunner:
             mask &= k_pos[None, :] > q_pos[:, None] - window
         return mask
 
+    def _is_fresh(self, seq: Sequence, n: int) -> bool:
+        """A chunk that is its sequence's whole context (no cached prefix, no window to apply)."""
+        window = self.spec.sliding_window
+        return seq.num_computed_tokens == 0 and (window is None or n <= window)
+
+    def _batch_fresh_chunks(self, meta: AttentionMetadata, fresh: list[tuple[int, int]]) -> None:
+        """Fresh chunks of similar lengths go into one padded batch; otherwise each runs on its own."""
+        max_len = max((n for _, n in fresh), default=0)
+        if len(fresh) < 2 or len(fresh) * max_len > 2 * sum(n for _, n in fresh):
+            meta.prefills += [PrefillChunk(start=row, num_tokens=n) for row, n in fresh]
+            return
+        rows = [[row + min(j, n - 1) for j in range(max_len)] for row, n in fresh]
+        valid = [c * max_len + j for c, (_, n) in enumerate(fresh) for j in range(n)]
+        dev = self.device
+        rows_t = torch.tensor(rows, dtype=torch.long, device=dev)
+        valid_t = torch.tensor(valid, dtype=torch.long, device=dev)
+        meta.prefill_batch = PrefillBatch(rows=rows_t, valid=valid_t, dest=rows_t.view(-1)[valid_t])
+
     def _prefill_chunk(self, seq: Sequence, row: int, n: int) -> PrefillChunk:
+        """A chunk over a cached prefix (or under a sliding window): reads its context from the cache."""
         start = seq.num_computed_tokens
         ctx = start + n
-        window = self.spec.sliding_window
-        if start == 0 and (window is None or ctx <= window):
-            return PrefillChunk(start=row, num_tokens=n)
         q_pos = torch.arange(start, ctx, device=self.device)
         slots = torch.tensor(self._slots(seq.block_table, 0, ctx), dtype=torch.long, device=self.device)
         return PrefillChunk(start=row, num_tokens=n, context_slots=slots, mask=self._window_mask(q_pos, ctx))

@@ -11,9 +11,9 @@ from types import ModuleType
 
 import torch
 
-from lmkit.pytorch_engine.kernels.metadata import AttentionMetadata, PrefillChunk
+from lmkit.pytorch_engine.kernels.metadata import AttentionMetadata, PrefillBatch, PrefillChunk
 
-__all__ = ["AttentionMetadata", "PrefillChunk", "attention_backend"]
+__all__ = ["AttentionMetadata", "PrefillBatch", "PrefillChunk", "attention_backend"]
 
 
 def attention_backend(device: torch.device | str) -> ModuleType:

@@ -46,6 +46,8 @@ def paged_attention(
         vd = v_cache.index_select(0, blocks).view(nd, -1, num_kv_heads, head_dim)[:, :ctx].transpose(1, 2)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale)
         out[:nd] = od.reshape(nd, -1, head_dim)
+    if meta.prefill_batch is not None:
+        _prefill_batch(q, k, v, meta.prefill_batch, scale, out)
     for chunk in meta.prefills:
         rows = slice(chunk.start, chunk.start + chunk.num_tokens)
         qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
@@ -61,3 +63,18 @@ def paged_attention(
         )
         out[rows] = op[0].transpose(0, 1)
     return out
+
+
+def _prefill_batch(q, k, v, pb, scale: float, out: torch.Tensor) -> None:
+    """One padded causal SDPA for many fresh chunks (a handful of ops instead of several per chunk)."""
+    num, max_len = pb.rows.shape
+    idx = pb.rows.view(-1)
+
+    def padded(x: torch.Tensor) -> torch.Tensor:  # [T, heads, D] -> [num, heads, max_len, D]
+        return x.index_select(0, idx).view(num, max_len, x.shape[1], x.shape[2]).transpose(1, 2)
+
+    o = F.scaled_dot_product_attention(
+        padded(q), padded(k), padded(v), is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+    o = o.transpose(1, 2).reshape(num * max_len, q.shape[1], q.shape[2])
+    out.index_copy_(0, pb.dest, o.index_select(0, pb.valid))

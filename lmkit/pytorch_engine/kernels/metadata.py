@@ -21,6 +21,21 @@ class PrefillChunk:
 
 
 @dataclass(slots=True)
+class PrefillBatch:
+    """Prefill chunks without a cached prefix, attended together as one padded causal batch.
+
+    Padding sits after each chunk's tokens, so causal attention keeps real rows exact; padded rows are dropped.
+    """
+
+    rows: torch.Tensor
+    """[num_chunks, max_len] long: the flattened-batch row of each padded position (padding repeats a real row)."""
+    valid: torch.Tensor
+    """[num_real] long: the positions of real tokens in rows.view(-1)."""
+    dest: torch.Tensor
+    """[num_real] long: rows.view(-1)[valid], the flattened-batch rows they write."""
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     """Flattened batch layout: the decode tokens (one per sequence) first, then the prefill chunks."""
 
@@ -36,3 +51,5 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None
     """[num_decode, 1, 1, decode_ctx_len] bool (True = attend); None when every position is visible."""
     prefills: list[PrefillChunk] = field(default_factory=list)
+    prefill_batch: PrefillBatch | None = None
+    """Fresh prefill chunks batched into one call (also listed nowhere else)."""
