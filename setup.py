@@ -38,6 +38,8 @@ class CMakeBuild(build_ext):
         ]
         if os.environ.get("LMKIT_CUDA", "auto") == "0":
             args.append("-DTURBO_CUDA=OFF")
+        if os.environ.get("LMKIT_CUDA_ARCH"):  # e.g. "90a" (H100/H200); default: the visible GPU ("native")
+            args.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['LMKIT_CUDA_ARCH']}")
         subprocess.check_call(["cmake", str(ROOT), *args], cwd=build_dir)
         jobs = os.environ.get("LMKIT_BUILD_JOBS", str(os.cpu_count() or 2))
         subprocess.check_call(["cmake", "--build", ".", "--config", cfg, "-j", jobs], cwd=build_dir)

@@ -101,7 +101,6 @@ def run_hf(model, batch: int, input_len: int, output_len: int, device: str, seed
 
 def make_engine(backend: str, model_path, args):
     from lmkit.engines import create_engine
-
     from lmkit.messages import PytorchEngineConfig, TurboEngineConfig
 
     common = dict(
@@ -109,6 +108,7 @@ def make_engine(backend: str, model_path, args):
         dtype=args.dtype,
         max_batch_size=max(args.batch),
         session_len=max(i + o for i, o in args.io) + 8,
+        load_format=args.load_format,
     )
     if backend == "turbo":
         cfg = TurboEngineConfig(**common, cache_max_entry_count=args.cache_max_entry_count)
@@ -124,6 +124,12 @@ def load_hf(model_path, args):
     dtype = {"auto": torch.float32 if args.device == "cpu" else torch.bfloat16}.get(args.dtype) or getattr(
         torch, args.dtype
     )
+    if args.load_format == "dummy":  # random init in the checkpoint's shapes: speed does not depend on values
+        from transformers import AutoConfig
+
+        with torch.device(args.device):
+            config = AutoConfig.from_pretrained(str(model_path))
+            return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     return AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype).to(args.device).eval()
 
 
@@ -147,6 +153,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--cache-max-entry-count", type=float, default=0.5)
+    p.add_argument(
+        "--load-format",
+        default="auto",
+        choices=["auto", "dummy"],
+        help="dummy: random weights (needs config.json only)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
     p.add_argument("--markdown", default=None, help="append the table to this file")
     args = p.parse_args(argv)

@@ -61,6 +61,8 @@ class PytorchEngineConfig:
     """"auto" (cuda if available), "cpu" or "cuda"."""
     dtype: str = "auto"
     """"auto" (float32 on CPU, bfloat16 on GPU), "float32", "float16" or "bfloat16"."""
+    load_format: str = "auto"
+    """"auto" reads the checkpoint, "dummy" makes random weights in its shapes (benchmarks)."""
     adapters: dict[str, str] | None = None
     """LoRA adapters to load at start: name -> path."""
     eager_mode: bool = False
@@ -97,6 +99,8 @@ class TurboEngineConfig:
     """"auto" (cuda if available), "cpu" or "cuda"."""
     dtype: str = "auto"
     """"auto" (float32 on CPU, bfloat16 on GPU), "float32", "float16" or "bfloat16"."""
+    load_format: str = "auto"
+    """"auto" reads the checkpoint, "dummy" makes random weights in its shapes (benchmarks)."""
     quant_policy: int = 0
     """KV cache quantization: 0 (none), 8 (int8), 4 (int4)."""
     model_format: str | None = None

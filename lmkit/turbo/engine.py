@@ -32,14 +32,46 @@ _REASONS = {1: FinishReason.STOP, 2: FinishReason.LENGTH, 3: FinishReason.ABORT,
 _MASK64 = (1 << 64) - 1
 
 
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Head dims the CUDA attention kernels are instantiated for.
+_CUDA_HEAD_DIMS = (64, 128)
+
+
 def kv_bytes_per_block(spec: ModelSpec, block_size: int, elem_bytes: int = 4) -> int:
     return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * elem_bytes
 
 
+def cuda_built() -> bool:
+    """Whether lmkit._turbo was built with its CUDA kernels."""
+    return bool(getattr(_turbo, "cuda_built", lambda: False)())
+
+
 def _resolve_device(name: str) -> str:
+    """Device "auto": cuda when a GPU is visible and the extension has CUDA kernels, else cpu."""
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() and cuda_built() else "cpu"
     return name
+
+
+def _resolve_dtype(name: str, device: str) -> torch.dtype:
+    """Dtype "auto": bfloat16 on CUDA, float32 on CPU. The CPU kernels compute in float32 only."""
+    if device == "cpu":
+        if name not in ("auto", "float32"):
+            print(f"[lmkit] turbo on CPU computes in float32 (dtype {name!r} ignored)", file=sys.stderr)
+        return torch.float32
+    if name == "auto":
+        return torch.bfloat16
+    if name not in _DTYPES:
+        raise ValueError(f"turbo: unknown dtype {name!r}; use auto, float32, float16 or bfloat16")
+    return _DTYPES[name]
+
+
+def _cuda_num_blocks(config: TurboEngineConfig, bytes_per_block: int) -> int:
+    """KV blocks from cache_max_entry_count x the GPU memory free once the weights are on the device."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    return max(1, int(free * config.cache_max_entry_count // bytes_per_block))
 
 
 class TurboEngine:
@@ -49,8 +81,13 @@ class TurboEngine:
 
     @staticmethod
     def supports(spec: ModelSpec, device: str) -> tuple[bool, str]:
-        if device != "cpu" and not getattr(_turbo, "cuda", False):
-            return False, f"turbo has no {device} kernels yet (CPU only)"
+        if device.startswith("cuda"):
+            if not cuda_built():
+                return False, "this build of turbo has no CUDA kernels (built without nvcc or CUDA torch)"
+            if spec.head_dim not in _CUDA_HEAD_DIMS:
+                return False, f"turbo's CUDA attention supports head_dim 64 and 128, not {spec.head_dim}"
+        elif device != "cpu":
+            return False, f"turbo has no {device} kernels"
         if spec.quantization:
             return False, "turbo does not run quantized checkpoints yet"
         if spec.head_dim % 2:
@@ -60,15 +97,17 @@ class TurboEngine:
     def __init__(self, model_path: str | Path | None, config: TurboEngineConfig | None = None) -> None:
         self.config = config = config or TurboEngineConfig()
         self.device = _resolve_device(config.device)
-        if self.device != "cpu":
-            raise RuntimeError(f"turbo runs on CPU only for now (asked for {config.device!r})")
-        if config.dtype not in ("auto", "float32"):
-            print(f"[lmkit] turbo on CPU computes in float32 (dtype {config.dtype!r} ignored)", file=sys.stderr)
+        self.dtype = dtype = _resolve_dtype(config.dtype, self.device)
         if config.quant_policy not in (0,):
             raise ValueError("turbo: quant_policy 8/4 (KV quantization) is not implemented yet")
         if config.tp != 1:
-            raise ValueError("turbo: tensor parallelism is not supported on CPU")
-        loaded = load_model(model_path, dtype=torch.float32)
+            raise ValueError("turbo: tensor parallelism is not supported yet")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError("turbo: device 'cuda' asked for, but no CUDA GPU is visible")
+        load_format = getattr(config, "load_format", "auto")
+        # Dummy weights are made on the device; checkpoint weights are read on the CPU and moved per tensor.
+        load_device = self.device if load_format == "dummy" else "cpu"
+        loaded = load_model(model_path, dtype=dtype, load_format=load_format, device=load_device)
         spec = self.spec = loaded.spec
         ok, why = self.supports(spec, self.device)
         if not ok:
@@ -76,12 +115,17 @@ class TurboEngine:
         self.model_path = loaded.path
         self.vocab_size = spec.vocab_size
         block_size = config.cache_block_seq_len
+        self.session_len = min(spec.max_position_embeddings, config.session_len or sys.maxsize)
+        weights = turbo_weights(spec, loaded.weights, self.session_len, self.device, dtype)
+        del loaded
+        bytes_per_block = kv_bytes_per_block(spec, block_size, dtype.itemsize)
         if config.num_blocks:
             num_blocks = int(config.num_blocks)
+        elif self.device.startswith("cuda"):
+            num_blocks = _cuda_num_blocks(config, bytes_per_block)
         else:
             budget = config.cpu_kv_cache_gib * 2**30 * config.cache_max_entry_count
-            num_blocks = max(1, int(budget // kv_bytes_per_block(spec, block_size)))
-        self.session_len = min(spec.max_position_embeddings, config.session_len or sys.maxsize)
+            num_blocks = max(1, int(budget // bytes_per_block))
         if num_blocks * block_size < self.session_len:
             print(
                 f"[lmkit] session_len {self.session_len} capped at the KV pool's {num_blocks * block_size} tokens",
@@ -115,13 +159,12 @@ class TurboEngine:
         ):
             setattr(mcfg, name, getattr(spec, name))
         mcfg.sliding_window = spec.sliding_window or 0
-        weights = turbo_weights(spec, loaded.weights, max_positions=self.session_len)
-        del loaded
         self._engine = _turbo.Engine(ecfg, mcfg, weights)
         del weights
         print(
-            f"[lmkit] turbo engine on cpu: {num_blocks} KV blocks x {block_size} = {num_blocks * block_size} tokens "
-            f"({num_blocks * kv_bytes_per_block(spec, block_size) / 2**20:.0f} MiB), session_len {self.session_len}",
+            f"[lmkit] turbo engine on {self.device} ({str(dtype).removeprefix('torch.')}): {num_blocks} KV blocks x "
+            f"{block_size} = {num_blocks * block_size} tokens ({num_blocks * bytes_per_block / 2**20:.0f} MiB), "
+            f"session_len {self.session_len}",
             file=sys.stderr,
             flush=True,
         )

@@ -1,6 +1,7 @@
 #include "turbo/engine/engine.h"
 
 #include <ATen/Parallel.h>
+#include <c10/core/DeviceGuard.h>
 #include <c10/core/InferenceMode.h>
 
 #include <chrono>
@@ -9,6 +10,7 @@
 #include <random>
 #include <stdexcept>
 
+#include "turbo/engine/batch_builder.h"
 #include "turbo/kernels/kernels.h"
 
 namespace turbo {
@@ -21,7 +23,8 @@ Engine::Engine(const EngineConfig& config, const ModelConfig& model_config, cons
   if (config.quant_policy != 0) throw std::invalid_argument("turbo: KV quantization is not implemented yet");
   model_ = std::make_unique<LlamaModel>(model_config, weights);
   kv_ = KVCache(model_config.num_layers, config.num_blocks, config.block_size, model_config.num_kv_heads,
-                model_config.head_dim, at::TensorOptions().dtype(at::kFloat));
+                model_config.head_dim, model_->options());
+  print_kv_pool();
   bm_ = std::make_unique<BlockManager>(config.num_blocks, config.block_size, config.enable_prefix_caching);
   scheduler_ = std::make_unique<Scheduler>(bm_.get(), config.max_num_seqs, config.max_num_batched_tokens);
   stats_.num_blocks_total = stats_.num_blocks_free = config.num_blocks;
@@ -105,8 +108,21 @@ void Engine::shutdown() {
 
 // ---- the loop ----
 
+void Engine::print_kv_pool() const {
+  const at::TensorOptions opts = model_->options();
+  const int64_t bytes = KVCache::bytes_per_block(model_config_.num_layers, config_.block_size,
+                                                 model_config_.num_kv_heads, model_config_.head_dim,
+                                                 static_cast<int>(opts.dtype().itemsize()));
+  std::fprintf(stderr, "[turbo] KV cache on %s (%s): %d blocks x %d tokens = %lld tokens, %.0f MiB\n",
+               opts.device().str().c_str(), std::string(opts.dtype().name()).c_str(), config_.num_blocks,
+               config_.block_size, static_cast<long long>(config_.num_blocks) * config_.block_size,
+               static_cast<double>(bytes) * config_.num_blocks / (1 << 20));
+}
+
 void Engine::loop() {
   c10::InferenceMode guard;
+  c10::OptionalDeviceGuard device_guard;  // a new thread starts on device 0: use the model's
+  if (!model_->options().device().is_cpu()) device_guard.reset_device(model_->options().device());
   at::init_num_threads();
   if (config_.num_threads > 0) at::set_num_threads(config_.num_threads);
   while (admit(!scheduler_->has_work())) {
@@ -160,54 +176,6 @@ bool Engine::admit(bool block) {
   return keep_going;
 }
 
-ForwardBatch Engine::build_batch(const ScheduledBatch& batch, std::vector<int>& sample_seq) {
-  const int64_t S = static_cast<int64_t>(batch.seqs.size());
-  const int BS = config_.block_size;
-  int64_t T = 0, max_blocks = 1;
-  for (int64_t i = 0; i < S; ++i) {
-    T += batch.num_new_tokens[i];
-    max_blocks = std::max<int64_t>(max_blocks, batch.seqs[i]->table.blocks.size());
-  }
-  auto i64 = at::TensorOptions().dtype(at::kLong);
-  auto i32 = at::TensorOptions().dtype(at::kInt);
-  ForwardBatch fb;
-  fb.token_ids = at::empty({T}, i64);
-  fb.positions = at::empty({T}, i64);
-  fb.slot_mapping = at::empty({T}, i64);
-  fb.block_tables = at::zeros({S, max_blocks}, i32);
-  fb.cu_q_lens = at::empty({S + 1}, i32);
-  fb.kv_lens = at::empty({S}, i32);
-  int64_t* tok = fb.token_ids.data_ptr<int64_t>();
-  int64_t* pos = fb.positions.data_ptr<int64_t>();
-  int64_t* slot = fb.slot_mapping.data_ptr<int64_t>();
-  int32_t* bt = fb.block_tables.data_ptr<int32_t>();
-  int32_t* cu = fb.cu_q_lens.data_ptr<int32_t>();
-  int32_t* kvl = fb.kv_lens.data_ptr<int32_t>();
-  std::vector<int64_t> rows;
-  int64_t r = 0;
-  cu[0] = 0;
-  for (int64_t i = 0; i < S; ++i) {
-    const Sequence& seq = *batch.seqs[i];
-    const int64_t start = seq.num_computed_tokens, n = batch.num_new_tokens[i];
-    for (int64_t j = 0; j < n; ++j, ++r) {
-      const int64_t p = start + j;
-      tok[r] = seq.tokens[p];
-      pos[r] = p;
-      slot[r] = static_cast<int64_t>(seq.table.blocks[p / BS]) * BS + p % BS;
-    }
-    std::copy(seq.table.blocks.begin(), seq.table.blocks.end(), bt + i * max_blocks);
-    cu[i + 1] = static_cast<int32_t>(r);
-    kvl[i] = static_cast<int32_t>(start + n);
-    if (batch.samples(i)) {
-      rows.push_back(r - 1);
-      sample_seq.push_back(static_cast<int>(i));
-    }
-  }
-  fb.sample_rows = at::empty({static_cast<int64_t>(rows.size())}, i64);
-  std::copy(rows.begin(), rows.end(), fb.sample_rows.data_ptr<int64_t>());
-  return fb;
-}
-
 void Engine::step() {
   ScheduledBatch batch = scheduler_->schedule();
   std::vector<Output> outputs;
@@ -228,7 +196,7 @@ void Engine::step() {
   static int64_t n_prof = 0;
   auto t0 = clock::now(), t1 = t0, t2 = t0;
   try {
-    ForwardBatch fb = build_batch(batch, sample_seq);
+    ForwardBatch fb = build_forward_batch(batch, config_.block_size, model_->options().device(), sample_seq);
     at::Tensor logits = model_->forward(fb, kv_);
     t1 = clock::now();
     std::vector<kernels::SampleRow> rows;

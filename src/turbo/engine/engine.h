@@ -69,7 +69,7 @@ class Engine {
   void emit(std::vector<Output>& outputs);
   Output make_output(Sequence& seq, FinishReason reason, const std::string& error = "");
   void end(Sequence* seq, FinishReason reason, std::vector<Output>& outputs, const std::string& error = "");
-  ForwardBatch build_batch(const ScheduledBatch& batch, std::vector<int>& sample_seq);
+  void print_kv_pool() const;
 
   EngineConfig config_;
   ModelConfig model_config_;

@@ -1,6 +1,6 @@
 // The kernel dispatch layer: one entry point per op on at::Tensors; each checks its arguments and calls the
-// implementation for the tensors' device (kernels/cpu/ now; kernels/cuda/ when built with TURBO_WITH_CUDA).
-// Models call only these functions, never a device implementation directly.
+// implementation for the tensors' device: kernels/cpu/ (float32 only) or kernels/cuda/ (float32, float16,
+// bfloat16; built with TURBO_WITH_CUDA). Models call only these functions, never a device implementation directly.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,6 +19,12 @@ void rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, double 
 void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& w, double eps);
 // In place, neox style (halves): x [T, heads, D] strided view; positions int64 [T]; cos, sin [P, D/2].
 void rotary(at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin);
+// A model's rotary tables, float32: cos, sin [P, D/2] (CPU kernel) and cos_sin [P, D] = [cos | sin] (CUDA kernel).
+struct RopeTables {
+  at::Tensor cos, sin, cos_sin;
+};
+// q [T, H, D] and k [T, KVH, D] (strided views) in place, each token at its position.
+void rotary(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const RopeTables& rope);
 // gate_up [T, 2I] -> silu(gate) * up [T, I].
 at::Tensor silu_mul(const at::Tensor& gate_up);
 // k, v [T, KVH, D] strided views -> caches [NB, BS, KVH, D] at flat slots (int64 [T]; -1 = skip).
@@ -29,11 +35,14 @@ void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
 //   cu_q_lens int32 [S+1] (query tokens of seq s are rows cu[s]..cu[s+1]); kv_lens int32 [S] (cached + new
 //   tokens of seq s, whose KV is already written). Query i of seq s sits at position kv_len - q_len + i and
 //   sees keys 0..position (causal), restricted to the last `sliding_window` positions when > 0.
+//   max_query_len (a host value, so choosing a kernel needs no device sync): the longest q_len of the batch;
+//   1 means a decode-only batch (the CUDA split-K decode kernel), else the prefill kernel serves every row.
 void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& block_tables, const at::Tensor& cu_q_lens, const at::Tensor& kv_lens,
-                     double scale, int64_t sliding_window);
+                     int64_t max_query_len, double scale, int64_t sliding_window);
 
-// Sampling: one token per row of logits [n, V] (fp32).
+// Sampling: one token per row of logits [n, V] (any float dtype; CPU or CUDA). Tokens and logprobs come back
+// to the host: on CUDA one small device->host copy per call.
 struct SampleRow {
   const SamplingParams* params = nullptr;
   const int32_t* history = nullptr;  // prompt + generated (repetition penalty)

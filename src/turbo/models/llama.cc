@@ -8,42 +8,58 @@
 namespace turbo {
 namespace {
 
-at::Tensor get(const WeightMap& w, const std::string& name, bool required = true) {
+// A weight by name, checked against the model's device and dtype (`like`: the embedding).
+at::Tensor get(const WeightMap& w, const std::string& name, const at::Tensor& like, bool required = true) {
   auto it = w.find(name);
   if (it == w.end()) {
     if (required) throw std::invalid_argument("turbo: missing weight '" + name + "'");
     return {};
   }
   at::Tensor t = it->second;
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "turbo: weight ", name, " must be float32");
+  if (like.defined()) {
+    TORCH_CHECK(t.device() == like.device(), "turbo: weight ", name, " is on ", t.device(), ", not ", like.device());
+    TORCH_CHECK(t.scalar_type() == like.scalar_type(), "turbo: weight ", name, " is ", t.scalar_type(), ", not ",
+                like.scalar_type());
+  }
   return t.is_contiguous() ? t : t.contiguous();
+}
+
+kernels::RopeTables rope_tables(const WeightMap& w, const at::Tensor& embed, int64_t head_dim) {
+  kernels::RopeTables r;
+  r.cos = get(w, "rope.cos", {}).to(embed.device(), at::kFloat).contiguous();
+  r.sin = get(w, "rope.sin", {}).to(embed.device(), at::kFloat).contiguous();
+  TORCH_CHECK(r.cos.dim() == 2 && r.cos.size(1) == head_dim / 2 && r.sin.sizes() == r.cos.sizes(),
+              "rope tables must be [P, head_dim/2]");
+  if (!embed.device().is_cpu()) r.cos_sin = at::cat({r.cos, r.sin}, 1).contiguous();
+  return r;
 }
 
 }  // namespace
 
 LlamaModel::LlamaModel(const ModelConfig& cfg, const WeightMap& w) : cfg_(cfg) {
-  embed_ = get(w, "embed");
-  norm_ = get(w, "norm");
-  lm_head_ = std::make_unique<DenseLinear>(get(w, "lm_head"));
-  rope_cos_ = get(w, "rope.cos");
-  rope_sin_ = get(w, "rope.sin");
-  TORCH_CHECK(rope_cos_.size(1) == cfg.head_dim / 2, "rope tables must be [P, head_dim/2]");
+  embed_ = get(w, "embed", {});
+  const at::Tensor& e = embed_;
+  TORCH_CHECK(e.device().is_cpu() ? e.scalar_type() == at::kFloat : at::isFloatingType(e.scalar_type()),
+              "turbo: weights on CPU must be float32 (got ", e.scalar_type(), ")");
+  norm_ = get(w, "norm", e);
+  lm_head_ = std::make_unique<DenseLinear>(get(w, "lm_head", e));
+  rope_ = rope_tables(w, e, cfg.head_dim);
   const int64_t qkv_out = static_cast<int64_t>(cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim;
   for (int i = 0; i < cfg.num_layers; ++i) {
     const std::string p = "layers." + std::to_string(i) + ".";
     Layer l;
-    l.input_norm = get(w, p + "input_norm");
-    l.post_norm = get(w, p + "post_norm");
-    at::Tensor qkv = get(w, p + "qkv");
+    l.input_norm = get(w, p + "input_norm", e);
+    l.post_norm = get(w, p + "post_norm", e);
+    at::Tensor qkv = get(w, p + "qkv", e);
     TORCH_CHECK(qkv.size(0) == qkv_out && qkv.size(1) == cfg.hidden_size, "turbo: ", p, "qkv has a wrong shape");
-    l.qkv = std::make_unique<DenseLinear>(qkv, cfg.qkv_bias ? get(w, p + "qkv_bias") : at::Tensor());
+    l.qkv = std::make_unique<DenseLinear>(qkv, cfg.qkv_bias ? get(w, p + "qkv_bias", e) : at::Tensor());
     if (cfg.qk_norm) {
-      l.q_norm = get(w, p + "q_norm");
-      l.k_norm = get(w, p + "k_norm");
+      l.q_norm = get(w, p + "q_norm", e);
+      l.k_norm = get(w, p + "k_norm", e);
     }
-    l.o = std::make_unique<DenseLinear>(get(w, p + "o"));
-    l.gate_up = std::make_unique<DenseLinear>(get(w, p + "gate_up"));
-    l.down = std::make_unique<DenseLinear>(get(w, p + "down"));
+    l.o = std::make_unique<DenseLinear>(get(w, p + "o", e));
+    l.gate_up = std::make_unique<DenseLinear>(get(w, p + "gate_up", e));
+    l.down = std::make_unique<DenseLinear>(get(w, p + "down", e));
     layers_.push_back(std::move(l));
   }
 }
@@ -72,11 +88,10 @@ at::Tensor LlamaModel::forward(const ForwardBatch& b, KVCache& kv) const {
       kernels::rms_norm(q, q, l.q_norm, cfg_.rms_norm_eps);
       kernels::rms_norm(k, k, l.k_norm, cfg_.rms_norm_eps);
     }
-    kernels::rotary(q, b.positions, rope_cos_, rope_sin_);
-    kernels::rotary(k, b.positions, rope_cos_, rope_sin_);
+    kernels::rotary(q, k, b.positions, rope_);
     kernels::write_kv(k, v, kv.k[i], kv.v[i], b.slot_mapping);
-    kernels::paged_attention(attn, q, kv.k[i], kv.v[i], b.block_tables, b.cu_q_lens, b.kv_lens, scale,
-                             cfg_.sliding_window);
+    kernels::paged_attention(attn, q, kv.k[i], kv.v[i], b.block_tables, b.cu_q_lens, b.kv_lens, b.max_query_len,
+                             scale, cfg_.sliding_window);
     x = l.o->forward(attn.view({T, H * D}));
     kernels::fused_add_rms_norm(x, residual, l.post_norm, cfg_.rms_norm_eps);
     x = l.down->forward(kernels::silu_mul(l.gate_up->forward(x)));

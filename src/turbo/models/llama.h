@@ -9,6 +9,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "turbo/kernels/kernels.h"
 #include "turbo/kv/kv_cache.h"
 #include "turbo/models/linear.h"
 
@@ -38,6 +39,9 @@ struct ForwardBatch {
   at::Tensor cu_q_lens;     // int32 [S + 1]
   at::Tensor kv_lens;       // int32 [S]
   at::Tensor sample_rows;   // int64 [n]: rows of T whose logits are wanted
+  // Host facts of the batch (kernel choice without a device->host sync).
+  int64_t max_query_len = 1;  // the longest q_len of the batch
+  bool is_decode = false;     // every q_len == 1
 };
 
 using WeightMap = std::unordered_map<std::string, at::Tensor>;
@@ -45,11 +49,14 @@ using WeightMap = std::unordered_map<std::string, at::Tensor>;
 class LlamaModel {
  public:
   // weights: embed, norm, lm_head, rope.cos, rope.sin, layers.{i}.{input_norm, qkv, qkv_bias?, q_norm?, k_norm?,
-  //          o, post_norm, gate_up, down}
+  //          o, post_norm, gate_up, down}. All on one device in one dtype (the embedding's: float32 on CPU;
+  //          float32, float16 or bfloat16 on CUDA), except the rope tables (float32).
   LlamaModel(const ModelConfig& cfg, const WeightMap& weights);
   // Runs the batch, writes its KV into `kv`, returns logits [n, vocab] of batch.sample_rows.
   at::Tensor forward(const ForwardBatch& batch, KVCache& kv) const;
   const ModelConfig& config() const { return cfg_; }
+  // Device and dtype of the weights (the KV cache and the step's inputs follow them).
+  at::TensorOptions options() const { return embed_.options(); }
 
  private:
   struct Layer {
@@ -57,7 +64,8 @@ class LlamaModel {
     std::unique_ptr<Linear> qkv, o, gate_up, down;
   };
   ModelConfig cfg_;
-  at::Tensor embed_, norm_, rope_cos_, rope_sin_;
+  at::Tensor embed_, norm_;
+  kernels::RopeTables rope_;
   std::unique_ptr<Linear> lm_head_;
   std::vector<Layer> layers_;
 };

@@ -2,6 +2,7 @@
 // The engine's loop thread never takes the GIL; get_outputs and shutdown release it while they wait.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <algorithm>
 #include <c10/core/InferenceMode.h>
 #include <torch/python.h>
 
@@ -39,10 +40,24 @@ py::object logprob_to_py(const TokenLogprob& lp) {
   return py::make_tuple(lp.token_id, lp.logprob, top);
 }
 
+// The longest q_len of a batch (test bindings only: reads cu_q_lens, syncing if it is on a GPU).
+int64_t max_query_len(const at::Tensor& cu_q_lens) {
+  if (cu_q_lens.numel() < 2) return 1;
+  return std::max<int64_t>(1, (cu_q_lens.slice(0, 1) - cu_q_lens.slice(0, 0, -1)).max().item<int64_t>());
+}
+
+#ifdef TURBO_WITH_CUDA
+constexpr bool TURBO_CUDA_BUILT = true;
+#else
+constexpr bool TURBO_CUDA_BUILT = false;
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(_turbo, m) {
-  m.doc() = "turbo: the C++ engine of lmkit (CPU kernels; CUDA seam for later)";
+  m.doc() = "turbo: the C++ engine of lmkit (CPU kernels; CUDA kernels when built with them)";
+  m.def("cuda_built", [] { return TURBO_CUDA_BUILT; },
+        "Whether this build has the CUDA kernels (TurboEngine.supports asks it).");
 #ifdef TURBO_WITH_CUDA
   m.attr("cuda") = true;
 #else
@@ -132,7 +147,7 @@ PYBIND11_MODULE(_turbo, m) {
              auto r = std::make_unique<ModelRunner>();
              r->model = std::make_unique<LlamaModel>(mcfg, WeightMap(w.begin(), w.end()));
              r->kv = KVCache(mcfg.num_layers, num_blocks, block_size, mcfg.num_kv_heads, mcfg.head_dim,
-                             at::TensorOptions().dtype(at::kFloat));
+                             r->model->options());
              return r;
            }),
            py::arg("model_config"), py::arg("weights"), py::arg("num_blocks"), py::arg("block_size"))
@@ -141,6 +156,8 @@ PYBIND11_MODULE(_turbo, m) {
               at::Tensor block_tables, at::Tensor cu_q_lens, at::Tensor kv_lens, at::Tensor sample_rows) {
              c10::InferenceMode guard;
              ForwardBatch b{token_ids, positions, slot_mapping, block_tables, cu_q_lens, kv_lens, sample_rows};
+             b.max_query_len = max_query_len(cu_q_lens);
+             b.is_decode = b.max_query_len == 1;
              return r.model->forward(b, r.kv);
            },
            py::call_guard<py::gil_scoped_release>());
@@ -200,7 +217,7 @@ PYBIND11_MODULE(_turbo, m) {
         [](const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& bt,
            const at::Tensor& cu, const at::Tensor& kvl, double scale, int64_t window) {
           at::Tensor out = at::empty(q.sizes(), q.options());
-          kernels::paged_attention(out, q, kc, vc, bt, cu, kvl, scale, window);
+          kernels::paged_attention(out, q, kc, vc, bt, cu, kvl, max_query_len(cu), scale, window);
           return out;
         },
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("cu_q_lens"),

@@ -17,6 +17,11 @@
 namespace turbo {
 namespace cuda {
 
+// ---- device ----
+
+// Streaming multiprocessors of the current device (queried once per device, then cached).
+int64_t device_num_sms();
+
 // ---- attention ----
 
 // Bytes of the workspace paged_attention_decode needs (0 when num_splits == 1).
@@ -92,8 +97,3 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs(const at::Tensor& logits
 
 }  // namespace cuda
 }  // namespace turbo
-
-// The CPU engine's CUDA seam (kernels/dispatch.cc, placeholder.cu), kept until these kernels are wired in.
-namespace turbo::kernels::cuda {
-int cuda_kernels_available();
-}  // namespace turbo::kernels::cuda
