@@ -74,6 +74,26 @@ def _cuda_num_blocks(config: TurboEngineConfig, bytes_per_block: int) -> int:
     return max(1, int(free * config.cache_max_entry_count // bytes_per_block))
 
 
+def _model_config(spec: ModelSpec) -> _turbo.ModelConfig:
+    mcfg = _turbo.ModelConfig()
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "qkv_bias",
+        "qk_norm",
+    ):
+        setattr(mcfg, name, getattr(spec, name))
+    mcfg.sliding_window = spec.sliding_window or 0
+    return mcfg
+
+
 class TurboEngine:
     """The turbo engine. Thread-safe; all model work happens on its C++ loop thread."""
 
@@ -97,77 +117,69 @@ class TurboEngine:
     def __init__(self, model_path: str | Path | None, config: TurboEngineConfig | None = None) -> None:
         self.config = config = config or TurboEngineConfig()
         self.device = _resolve_device(config.device)
-        self.dtype = dtype = _resolve_dtype(config.dtype, self.device)
+        self.dtype = _resolve_dtype(config.dtype, self.device)
         if config.quant_policy not in (0,):
             raise ValueError("turbo: quant_policy 8/4 (KV quantization) is not implemented yet")
         if config.tp != 1:
             raise ValueError("turbo: tensor parallelism is not supported yet")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError("turbo: device 'cuda' asked for, but no CUDA GPU is visible")
-        load_format = getattr(config, "load_format", "auto")
+        weights = self._load(model_path)
+        self.block_size = config.cache_block_seq_len
+        self.num_blocks = self._num_blocks()
+        if self.num_blocks * self.block_size < self.session_len:
+            print(
+                f"[lmkit] session_len {self.session_len} capped at the KV pool's "
+                f"{self.num_blocks * self.block_size} tokens",
+                file=sys.stderr,
+            )
+            self.session_len = self.num_blocks * self.block_size
+        self._engine = _turbo.Engine(self._engine_config(), _model_config(self.spec), weights)
+        del weights
+        print(  # the C++ engine has printed the KV pool (blocks, tokens, MiB)
+            f"[lmkit] turbo engine on {self.device} ({str(self.dtype).removeprefix('torch.')}), "
+            f"session_len {self.session_len}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _load(self, model_path: str | Path | None) -> dict[str, torch.Tensor]:
+        """Read (or, with load_format "dummy", make) the weights and lay them out for the C++ engine."""
+        load_format = self.config.load_format
         # Dummy weights are made on the device; checkpoint weights are read on the CPU and moved per tensor.
         load_device = self.device if load_format == "dummy" else "cpu"
-        loaded = load_model(model_path, dtype=dtype, load_format=load_format, device=load_device)
+        loaded = load_model(model_path, dtype=self.dtype, load_format=load_format, device=load_device)
         spec = self.spec = loaded.spec
         ok, why = self.supports(spec, self.device)
         if not ok:
             raise RuntimeError(f"turbo cannot run this model: {why}")
         self.model_path = loaded.path
         self.vocab_size = spec.vocab_size
-        block_size = config.cache_block_seq_len
-        self.session_len = min(spec.max_position_embeddings, config.session_len or sys.maxsize)
-        weights = turbo_weights(spec, loaded.weights, self.session_len, self.device, dtype)
-        del loaded
-        bytes_per_block = kv_bytes_per_block(spec, block_size, dtype.itemsize)
-        if config.num_blocks:
-            num_blocks = int(config.num_blocks)
-        elif self.device.startswith("cuda"):
-            num_blocks = _cuda_num_blocks(config, bytes_per_block)
-        else:
-            budget = config.cpu_kv_cache_gib * 2**30 * config.cache_max_entry_count
-            num_blocks = max(1, int(budget // bytes_per_block))
-        if num_blocks * block_size < self.session_len:
-            print(
-                f"[lmkit] session_len {self.session_len} capped at the KV pool's {num_blocks * block_size} tokens",
-                file=sys.stderr,
-            )
-            self.session_len = num_blocks * block_size
-        self.num_blocks, self.block_size = num_blocks, block_size
+        self.session_len = min(spec.max_position_embeddings, self.config.session_len or sys.maxsize)
+        return turbo_weights(spec, loaded.weights, self.session_len, self.device, self.dtype)
 
-        ecfg = _turbo.EngineConfig()
+    def _num_blocks(self) -> int:
+        """KV blocks: config.num_blocks, else cache_max_entry_count of free GPU memory (CUDA) or of the CPU budget."""
+        config = self.config
+        bytes_per_block = kv_bytes_per_block(self.spec, self.block_size, self.dtype.itemsize)
+        if config.num_blocks:
+            return int(config.num_blocks)
+        if self.device.startswith("cuda"):
+            return _cuda_num_blocks(config, bytes_per_block)
+        budget = config.cpu_kv_cache_gib * 2**30 * config.cache_max_entry_count
+        return max(1, int(budget // bytes_per_block))
+
+    def _engine_config(self) -> _turbo.EngineConfig:
+        config, ecfg = self.config, _turbo.EngineConfig()
         ecfg.max_num_seqs = config.max_batch_size
         ecfg.max_num_batched_tokens = config.max_num_batched_tokens
-        ecfg.num_blocks = num_blocks
-        ecfg.block_size = block_size
+        ecfg.num_blocks = self.num_blocks
+        ecfg.block_size = self.block_size
         ecfg.enable_prefix_caching = config.enable_prefix_caching
         ecfg.session_len = self.session_len
         ecfg.num_threads = config.num_threads or len(os.sched_getaffinity(0))
         ecfg.quant_policy = config.quant_policy
-        mcfg = _turbo.ModelConfig()
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_layers",
-            "num_heads",
-            "num_kv_heads",
-            "head_dim",
-            "max_position_embeddings",
-            "rms_norm_eps",
-            "qkv_bias",
-            "qk_norm",
-        ):
-            setattr(mcfg, name, getattr(spec, name))
-        mcfg.sliding_window = spec.sliding_window or 0
-        self._engine = _turbo.Engine(ecfg, mcfg, weights)
-        del weights
-        print(
-            f"[lmkit] turbo engine on {self.device} ({str(dtype).removeprefix('torch.')}): {num_blocks} KV blocks x "
-            f"{block_size} = {num_blocks * block_size} tokens ({num_blocks * bytes_per_block / 2**20:.0f} MiB), "
-            f"session_len {self.session_len}",
-            file=sys.stderr,
-            flush=True,
-        )
+        return ecfg
 
     # ---- Engine protocol ----
     def add_request(self, request: EngineRequest) -> None:

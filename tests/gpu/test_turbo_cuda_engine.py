@@ -224,7 +224,8 @@ def reference_logits(path: Path, seq: list[int]) -> torch.Tensor:
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)), dtype=torch.float32)
     hf.load_state_dict({k: v.float() for k, v in weights.items()}, assign=True, strict=False)
-    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf.config, device="cuda")
+    with torch.device("cuda"):  # the meta model's rotary buffers are not in the state dict: rebuild them
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(hf.config)
     with torch.no_grad():
         return hf.cuda().eval()(torch.tensor([seq], device="cuda")).logits[0].float()
 

@@ -113,9 +113,10 @@ void Engine::print_kv_pool() const {
   const int64_t bytes = KVCache::bytes_per_block(model_config_.num_layers, config_.block_size,
                                                  model_config_.num_kv_heads, model_config_.head_dim,
                                                  static_cast<int>(opts.dtype().itemsize()));
+  const char* dtype = c10::toString(c10::typeMetaToScalarType(opts.dtype()));
   std::fprintf(stderr, "[turbo] KV cache on %s (%s): %d blocks x %d tokens = %lld tokens, %.0f MiB\n",
-               opts.device().str().c_str(), std::string(opts.dtype().name()).c_str(), config_.num_blocks,
-               config_.block_size, static_cast<long long>(config_.num_blocks) * config_.block_size,
+               opts.device().str().c_str(), dtype, config_.num_blocks, config_.block_size,
+               static_cast<long long>(config_.num_blocks) * config_.block_size,
                static_cast<double>(bytes) * config_.num_blocks / (1 << 20));
 }
 
