@@ -22,8 +22,8 @@ browser:  ## Debian's chromium + chromedriver for the Gradio browser test (skipp
 chat: install
 	lmkit chat
 
-test: install-test
-	$(PYTHON) -m pytest
+test: install-test  ## sleeping OpenMP threads: test servers and clients share 2 cores (see lmkit/__init__.py)
+	OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m pytest
 
 lint:
 	ruff check lmkit tests autotest benchmark && ruff format --check lmkit tests autotest benchmark

@@ -103,16 +103,17 @@ class IncrementalDetokenizer:
                 del self.ids[: self.prefix_offset]
                 self.read_offset -= self.prefix_offset
                 self.prefix_offset = 0
-            return full_text[len(prefix_text) :]
+            return full_text[len(prefix_text) :].replace(_REPLACEMENT, "")
         return ""
 
     def flush(self) -> str:
         """At the end of a stream: whatever is still held back, less a trailing incomplete UTF-8 sequence.
 
         A stream cut by max_new_tokens inside a multi-byte character can never complete it; sending the bytes
-        as U+FFFD would break the "no broken UTF-8" contract, so they are dropped.
+        as U+FFFD would break the "no broken UTF-8" contract, so they are dropped (as `step` drops invalid
+        byte sequences the model generates mid-stream).
         """
         prefix_text = self._decode(self.ids[self.prefix_offset : self.read_offset])
         full_text = self._decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
-        return full_text[len(prefix_text) :].rstrip(_REPLACEMENT) if len(full_text) > len(prefix_text) else ""
+        return full_text[len(prefix_text) :].replace(_REPLACEMENT, "") if len(full_text) > len(prefix_text) else ""
