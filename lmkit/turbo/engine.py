@@ -66,11 +66,12 @@ def _resolve_dtype(name: str, device: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def _cuda_num_blocks(config: TurboEngineConfig, bytes_per_block: int) -> int:
+def _cuda_num_blocks(config: TurboEngineConfig, bytes_per_block: int, device: str) -> int:
     """KV blocks from cache_max_entry_count x the GPU memory free once the weights are on the device."""
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    free, _ = torch.cuda.mem_get_info()
+    dev = torch.device(device)
+    torch.cuda.synchronize(dev)
+    torch.cuda.empty_cache()  # memory cached by torch's allocator (e.g. from loading) counts as free here
+    free, _ = torch.cuda.mem_get_info(dev)
     return max(1, int(free * config.cache_max_entry_count // bytes_per_block))
 
 
@@ -165,7 +166,7 @@ class TurboEngine:
         if config.num_blocks:
             return int(config.num_blocks)
         if self.device.startswith("cuda"):
-            return _cuda_num_blocks(config, bytes_per_block)
+            return _cuda_num_blocks(config, bytes_per_block, self.device)
         budget = config.cpu_kv_cache_gib * 2**30 * config.cache_max_entry_count
         return max(1, int(budget // bytes_per_block))
 
