@@ -53,18 +53,34 @@ class PytorchEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         if self.device.type == "cpu":
             torch.set_num_threads(len(os.sched_getaffinity(0)))
-        loaded = load_model(model_path, dtype=torch.float32)
+        load_format = getattr(config, "load_format", "auto")
+        if load_format == "dummy":  # random weights made where they run, in their dtype (benchmarks)
+            loaded = load_model(model_path, dtype=self.dtype, load_format="dummy", device=self.device)
+        else:
+            loaded = load_model(model_path, dtype=torch.float32)
         self.spec = loaded.spec
         self.model_path = loaded.path
         self.vocab_size = self.spec.vocab_size
         block_size = config.block_size
-        num_blocks = self._num_blocks(config, kv_bytes_per_block(self.spec, block_size, self.dtype))
-        self.runner = ModelRunner(self.spec, loaded.weights, num_blocks, block_size, self.device, self.dtype)
+        self.session_len = min(self.spec.max_position_embeddings, config.session_len or sys.maxsize)
+        weights = loaded.weights
         del loaded
+        num_blocks = self._num_blocks(config, kv_bytes_per_block(self.spec, block_size, self.dtype), weights)
+        self.runner = ModelRunner(
+            self.spec,
+            weights,
+            num_blocks,
+            block_size,
+            self.device,
+            self.dtype,
+            max_batch_size=config.max_batch_size,
+            max_model_len=min(self.session_len, num_blocks * block_size),
+            use_cuda_graphs=not config.eager_mode,
+        )
+        del weights
         self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_batch_size, config.max_num_batched_tokens)
         self.sampler = Sampler(self.device)
-        self.session_len = min(self.spec.max_position_embeddings, config.session_len or sys.maxsize)
         if num_blocks * block_size < self.session_len:
             print(
                 f"[lmkit] session_len {self.session_len} capped at the KV pool's {num_blocks * block_size} tokens",
@@ -88,12 +104,15 @@ class PytorchEngine:
         self._thread = threading.Thread(target=self._loop, name="lmkit-pytorch-engine", daemon=True)
         self._thread.start()
 
-    def _num_blocks(self, config: PytorchEngineConfig, block_bytes: int) -> int:
+    def _num_blocks(self, config: PytorchEngineConfig, block_bytes: int, weights: dict[str, torch.Tensor]) -> int:
         if config.num_gpu_blocks:
             return config.num_gpu_blocks
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            budget = free * config.cache_max_entry_count
+            # Weights still on the host will take their share of the free memory first.
+            elem = torch.tensor([], dtype=self.dtype).element_size()
+            pending = sum(t.numel() * elem for t in {id(t): t for t in weights.values()}.values() if not t.is_cuda)
+            budget = (free - pending) * config.cache_max_entry_count
         else:
             budget = config.cpu_kv_cache_gib * 2**30 * config.cache_max_entry_count
         return max(1, int(budget // block_bytes))

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from lmkit.model.spec import ModelSpec
-from lmkit.pytorch_engine.kernels import AttentionMetadata, PrefillBatch, PrefillChunk
+from lmkit.pytorch_engine.cuda_graph import DecodeGraphs, meta_window
+from lmkit.pytorch_engine.kernels import AttentionMetadata, PrefillBatch, PrefillChunk, reads_paged_cache
 from lmkit.pytorch_engine.models.llama import LlamaForCausalLM
 from lmkit.pytorch_engine.scheduler import ScheduledBatch
 from lmkit.pytorch_engine.sequence import Sequence
@@ -32,6 +33,9 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         dtype: torch.dtype,
+        max_batch_size: int = 256,
+        max_model_len: int = 4096,
+        use_cuda_graphs: bool = True,
     ) -> None:
         self.spec = spec
         self.device = device
@@ -42,6 +46,11 @@ class ModelRunner:
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(spec.num_layers)
         ]
+        self.paged = reads_paged_cache(device)
+        self.graphs: DecodeGraphs | None = None
+        if device.type == "cuda" and use_cuda_graphs:
+            max_blocks = -(-max_model_len // block_size)
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, max_batch_size, max_blocks, meta_window(spec))
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
@@ -50,7 +59,8 @@ class ModelRunner:
         order += [i for i, n in enumerate(batch.num_new_tokens) if n > 1]
         input_ids, positions, slots, logits_rows, sample_idx = [], [], [], [], []
         meta = AttentionMetadata(slot_mapping=None, num_decode=len(order) - sum(n > 1 for n in batch.num_new_tokens))
-        decode_tables, decode_lens, fresh = [], [], []
+        meta.sliding_window = self.spec.sliding_window or 0
+        decode_tables, decode_lens, fresh, chunks = [], [], [], []
         for i in order:
             seq, n = batch.seqs[i], batch.num_new_tokens[i]
             start = seq.num_computed_tokens
@@ -61,6 +71,8 @@ class ModelRunner:
             if n == 1:
                 decode_tables.append(seq.block_table)
                 decode_lens.append(start + 1)
+            elif self.paged:
+                chunks.append((seq.block_table, start + n, n))
             elif self._is_fresh(seq, n):
                 fresh.append((row, n))
             else:
@@ -68,11 +80,17 @@ class ModelRunner:
             if batch.samples(i):
                 logits_rows.append(row + n - 1)
                 sample_idx.append(i)
+        if self.graphs is not None and not chunks and self.graphs.fits(len(order)):
+            logits = self.graphs.replay(input_ids, positions, slots, decode_tables, decode_lens)
+            return logits[logits_rows].float(), sample_idx
         dev = self.device
         meta.slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
-        if decode_lens:
-            self._decode_context(meta, decode_tables, decode_lens)
-        self._batch_fresh_chunks(meta, fresh)
+        if self.paged:
+            self._paged_context(meta, decode_tables, decode_lens, chunks)
+        else:
+            if decode_lens:
+                self._decode_context(meta, decode_tables, decode_lens)
+            self._batch_fresh_chunks(meta, fresh)
         logits = self.model.forward(
             torch.tensor(input_ids, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),
@@ -81,6 +99,27 @@ class ModelRunner:
             torch.tensor(logits_rows, dtype=torch.long, device=dev),
         )
         return logits.float(), sample_idx
+
+    def _paged_context(self, meta: AttentionMetadata, decode_tables, decode_lens, chunks) -> None:
+        """Block tables and lengths for kernels that read the paged cache themselves (CUDA)."""
+        dev, i32 = self.device, torch.int32
+        if decode_lens:
+            width = max(len(t) for t in decode_tables)
+            meta.decode_block_tables = torch.tensor(
+                [t + [0] * (width - len(t)) for t in decode_tables], dtype=i32, device=dev
+            )
+            meta.decode_context_lens = torch.tensor(decode_lens, dtype=i32, device=dev)
+        if chunks:
+            width = max(len(t) for t, _, _ in chunks)
+            meta.prefill_block_tables = torch.tensor(
+                [t + [0] * (width - len(t)) for t, _, _ in chunks], dtype=i32, device=dev
+            )
+            cu = [0]
+            for _, _, n in chunks:
+                cu.append(cu[-1] + n)
+            meta.prefill_cu_seqlens_q = torch.tensor(cu, dtype=i32, device=dev)
+            meta.prefill_context_lens = torch.tensor([c for _, c, _ in chunks], dtype=i32, device=dev)
+            meta.prefill_max_query_len = max(n for _, _, n in chunks)
 
     def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size

@@ -13,11 +13,20 @@ import torch
 
 from lmkit.pytorch_engine.kernels.metadata import AttentionMetadata, PrefillBatch, PrefillChunk
 
-__all__ = ["AttentionMetadata", "PrefillBatch", "PrefillChunk", "attention_backend"]
+__all__ = ["AttentionMetadata", "PrefillBatch", "PrefillChunk", "attention_backend", "reads_paged_cache"]
 
 
 def attention_backend(device: torch.device | str) -> ModuleType:
-    """The kernel module for `device`: the PyTorch implementation until a device-specific one exists."""
+    """The kernel module for `device`: Triton kernels on CUDA, the PyTorch implementation elsewhere."""
+    if torch.device(device).type == "cuda":
+        from lmkit.pytorch_engine.kernels import attention_triton
+
+        return attention_triton
     from lmkit.pytorch_engine.kernels import attention_cpu
 
     return attention_cpu
+
+
+def reads_paged_cache(device: torch.device | str) -> bool:
+    """Whether the backend takes block tables + packed lengths (else per-chunk slots and masks)."""
+    return torch.device(device).type == "cuda"

@@ -53,3 +53,15 @@ class AttentionMetadata:
     prefills: list[PrefillChunk] = field(default_factory=list)
     prefill_batch: PrefillBatch | None = None
     """Fresh prefill chunks batched into one call (also listed nowhere else)."""
+    # Kernels that read the paged cache directly (CUDA) take these instead of `prefills` / `prefill_batch`:
+    sliding_window: int = 0
+    """0 = global attention."""
+    decode_num_splits: int | None = None
+    """Split-K factor of decode attention; fixed per CUDA graph."""
+    prefill_block_tables: torch.Tensor | None = None
+    """[num_prefill, max_blocks] int32: the prefill sequences' blocks (rows after the decode rows)."""
+    prefill_cu_seqlens_q: torch.Tensor | None = None
+    """[num_prefill + 1] int32: prefill sequence i owns rows num_decode + cu[i] .. num_decode + cu[i + 1]."""
+    prefill_context_lens: torch.Tensor | None = None
+    """[num_prefill] int32: cached prefix + chunk tokens of each prefill sequence."""
+    prefill_max_query_len: int = 0
