@@ -133,6 +133,34 @@ def load_hf(model_path, args):
     return AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype).to(args.device).eval()
 
 
+def roofline(model_path, dtype_name: str) -> str:
+    """The device's measured copy bandwidth and the batch-1 decode floor: every weight read once per token."""
+    from lmkit.model.dummy import weight_shapes
+    from lmkit.model.loader import load_spec
+
+    spec = load_spec(model_path)
+    elem = torch.tensor([], dtype=getattr(torch, dtype_name)).element_size()
+    shapes = weight_shapes(spec)
+    shapes.pop("model.embed_tokens.weight")  # a lookup reads a row, not the table
+    weight_bytes = sum(torch.Size(s).numel() for s in shapes.values()) * elem
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    end.synchronize()
+    bandwidth = 2 * 10 * src.numel() / (start.elapsed_time(end) / 1e3)  # bytes read + written per second
+    del src, dst
+    return (
+        f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; weights read per token {weight_bytes / 1e9:.2f} GB; "
+        f"batch-1 roofline {weight_bytes / bandwidth * 1e3:.2f} ms per token"
+    )
+
+
 def format_table(cells: list[Cell]) -> str:
     head = "| backend | batch | in | out | TTFT (ms) | decode (ms/token) | output tok/s | peak mem (GiB) |"
     rows = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -173,6 +201,9 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model_path = resolve_model_path(args.model)
+    if args.device == "cuda":
+        dtype_name = "bfloat16" if args.dtype == "auto" else args.dtype
+        print(f"{torch.cuda.get_device_name()}: {roofline(model_path, dtype_name)}", flush=True)
     cells: list[Cell] = []
     for backend in args.backends:
         runner = load_hf(model_path, args) if backend == "hf" else make_engine(backend, model_path, args)
