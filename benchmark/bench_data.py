@@ -61,3 +61,40 @@ def synthetic(num: int, input_len: int, output_len: int, vocab_size: int, seed: 
         BenchRequest([rng.randrange(100, vocab_size - 100) for _ in range(input_len)], input_len, output_len)
         for _ in range(num)
     ]
+
+
+def export_tokenized(reqs: list[BenchRequest], tokenizer, path: str) -> None:
+    """Write requests as token ids + output lengths (for machines without the dataset package)."""
+    rows = [
+        {
+            "prompt_ids": tokenizer.encode(r.prompt) if isinstance(r.prompt, str) else r.prompt,
+            "output_len": r.output_len,
+        }
+        for r in reqs
+    ]
+    with open(path, "w") as f:
+        json.dump(rows, f)
+
+
+def load_tokenized(path: str, num: int | None = None) -> list[BenchRequest]:
+    with open(path) as f:
+        rows = json.load(f)[:num]
+    return [BenchRequest(r["prompt_ids"], len(r["prompt_ids"]), r["output_len"]) for r in rows]
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from transformers import AutoTokenizer
+
+    p = argparse.ArgumentParser(description="Export N ShareGPT requests, tokenized, to a JSON file.")
+    p.add_argument("--num", type=int, default=1000)
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the default model's)")
+    a = p.parse_args()
+    if a.tokenizer is None:
+        from lmkit.model.loader import resolve_model_path
+
+        a.tokenizer = str(resolve_model_path(None))
+    tok = AutoTokenizer.from_pretrained(a.tokenizer)
+    export_tokenized(sample_sharegpt(tok, a.num), tok, a.out)

@@ -161,6 +161,15 @@ def roofline(model_path, dtype_name: str) -> str:
     )
 
 
+def free_device_memory() -> None:
+    """Let the next backend have the GPU memory of the one just measured."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def format_table(cells: list[Cell]) -> str:
     head = "| backend | batch | in | out | TTFT (ms) | decode (ms/token) | output tok/s | peak mem (GiB) |"
     rows = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -214,13 +223,14 @@ def main(argv=None) -> None:
                     run_hf(runner, 1, 8, 4, args.device, seed)  # warm-up
                     cell = run_hf(runner, batch, input_len, output_len, args.device, seed)
                 else:
-                    run_engine(runner, backend, 1, 8, 4, args.device, seed + 1)  # warm-up
+                    run_engine(runner, backend, batch, input_len, 4, args.device, seed + 1)  # warm-up, same shapes
                     cell = run_engine(runner, backend, batch, input_len, output_len, args.device, seed)
                 print(format_table([cell]).splitlines()[-1], flush=True)
                 cells.append(cell)
         if backend != "hf":
             runner.shutdown()
         del runner
+        free_device_memory()
     table = format_table(cells)
     print("\n" + table)
     if args.markdown:

@@ -19,11 +19,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_data import BenchRequest, sample_sharegpt, synthetic  # noqa: E402
-from profile_generation import load_hf, make_engine  # noqa: E402
+from bench_data import BenchRequest, load_tokenized, sample_sharegpt, synthetic  # noqa: E402
+from profile_generation import free_device_memory, load_hf, make_engine  # noqa: E402
 
 from lmkit.frontend.protocol import EngineRequest, SamplingParams  # noqa: E402
-from lmkit.model.loader import resolve_model_path  # noqa: E402
+from lmkit.model.loader import load_spec, resolve_model_path  # noqa: E402
 
 
 def _token_ids(tokenizer, reqs: list[BenchRequest]) -> list[list[int]]:
@@ -73,7 +73,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF folder or GGUF file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--backends", default="pytorch,turbo,hf")
-    p.add_argument("--dataset", default="sharegpt", choices=["sharegpt", "synthetic"])
+    p.add_argument("--dataset", default="sharegpt", choices=["sharegpt", "synthetic", "tokenized"])
+    p.add_argument("--dataset-file", default=None, help="tokenized: a file from `python benchmark/bench_data.py`")
     p.add_argument("--num-prompts", type=int, default=200)
     p.add_argument("--hf-num-prompts", type=int, default=None, help="HF runs on this many of them (it is slow)")
     p.add_argument("--hf-batch-size", type=int, default=16)
@@ -84,6 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--max-batch-size", type=int, default=256)
     p.add_argument("--cache-max-entry-count", type=float, default=0.8)
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
     args = p.parse_args(argv)
     args.backends = args.backends.split(",")
     return args
@@ -94,11 +96,13 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     model_path = resolve_model_path(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path)) if args.dataset == "sharegpt" else None
     if args.dataset == "sharegpt":
         reqs = sample_sharegpt(tokenizer, args.num_prompts, max_len=args.max_len)
+    elif args.dataset == "tokenized":
+        reqs = load_tokenized(args.dataset_file, args.num_prompts)
     else:
-        reqs = synthetic(args.num_prompts, args.input_len, args.output_len, len(tokenizer))
+        reqs = synthetic(args.num_prompts, args.input_len, args.output_len, load_spec(model_path).vocab_size)
     prompts = _token_ids(tokenizer, reqs)
     args.io = [(max(len(p) for p in prompts), max(r.output_len for r in reqs))]
     args.batch = [args.max_batch_size]
@@ -114,6 +118,8 @@ def main(argv=None) -> None:
             run_engine(engine, prompts[:2], [BenchRequest(None, 0, 4)] * 2)  # warm-up
             res = run_engine(engine, prompts, reqs)
             engine.shutdown()
+            del engine
+            free_device_memory()
         tps = res["output_tokens"] / res["elapsed_s"]
         rows.append(
             f"| {backend} | {res['requests']} | {res['elapsed_s']:.1f} | {res['output_tokens']} | "

@@ -22,7 +22,9 @@ def prompts_and_reference(smollm2_dir):
 
     torch.backends.cuda.matmul.allow_tf32 = False
     tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True) for q in QUESTIONS]
+    chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    texts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
+    prompts = [tok.encode(t, add_special_tokens=False) for t in texts]
     prompts.append(tok.encode("The history of the printing press"))
     model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).cuda().eval()
     ref = []
