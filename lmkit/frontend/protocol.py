@@ -129,6 +129,28 @@ class EngineCapabilities:
     supports_prefix_caching: bool = True
 
 
+def check_request(request: EngineRequest, capabilities: EngineCapabilities) -> None:
+    """The checks every engine's add_request makes, besides its own vocabulary and length limits.
+
+    Raises InvalidRequestError with a message fit for a user.
+    """
+    sp = request.sampling
+    if not request.prompt_token_ids:
+        raise InvalidRequestError("the prompt is empty")
+    if sp.max_new_tokens < 1:
+        raise InvalidRequestError(f"max_new_tokens must be >= 1, got {sp.max_new_tokens}")
+    if sp.temperature < 0:
+        raise InvalidRequestError(f"temperature must be >= 0, got {sp.temperature}")
+    if not 0 < sp.top_p <= 1:
+        raise InvalidRequestError(f"top_p must be in (0, 1], got {sp.top_p}")
+    if sp.top_k < 0 or not 0 <= sp.min_p <= 1 or sp.repetition_penalty <= 0:
+        raise InvalidRequestError("top_k must be >= 0, min_p in [0, 1], repetition_penalty > 0")
+    if sp.logprobs is not None and not 0 <= sp.logprobs <= capabilities.max_top_logprobs:
+        raise InvalidRequestError(f"logprobs must be in [0, {capabilities.max_top_logprobs}]")
+    if request.adapter is not None and not capabilities.supports_lora:
+        raise InvalidRequestError("this engine does not support LoRA adapters")
+
+
 @runtime_checkable
 class Engine(Protocol):
     """A running engine. Thread-safe: any thread may call any method.

@@ -17,6 +17,7 @@ from lmkit.frontend.protocol import (
     EngineStats,
     FinishReason,
     InvalidRequestError,
+    check_request,
 )
 from lmkit.messages import PytorchEngineConfig
 from lmkit.model.loader import load_model
@@ -169,27 +170,14 @@ class PytorchEngine:
 
     # ---- validation ----
     def _validate(self, request: EngineRequest) -> None:
-        ids, sp = request.prompt_token_ids, request.sampling
-        if not ids:
-            raise InvalidRequestError("the prompt is empty")
+        check_request(request, self.capabilities)
+        ids = request.prompt_token_ids
         if any(not isinstance(t, int) or t < 0 or t >= self.vocab_size for t in ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size})")
         if len(ids) + 1 > self.session_len:
             raise InvalidRequestError(
                 f"the prompt has {len(ids)} tokens; with one new token it exceeds session_len {self.session_len}"
             )
-        if sp.max_new_tokens < 1:
-            raise InvalidRequestError(f"max_new_tokens must be >= 1, got {sp.max_new_tokens}")
-        if sp.temperature < 0:
-            raise InvalidRequestError(f"temperature must be >= 0, got {sp.temperature}")
-        if not 0 < sp.top_p <= 1:
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {sp.top_p}")
-        if sp.top_k < 0 or not 0 <= sp.min_p <= 1 or sp.repetition_penalty <= 0:
-            raise InvalidRequestError("top_k must be >= 0, min_p in [0, 1], repetition_penalty > 0")
-        if sp.logprobs is not None and not 0 <= sp.logprobs <= self.capabilities.max_top_logprobs:
-            raise InvalidRequestError(f"logprobs must be in [0, {self.capabilities.max_top_logprobs}]")
-        if request.adapter is not None:
-            raise InvalidRequestError("this engine does not support LoRA adapters")
 
     # ---- the loop ----
     def _loop(self) -> None:

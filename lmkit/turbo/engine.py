@@ -22,6 +22,7 @@ from lmkit.frontend.protocol import (
     FinishReason,
     InvalidRequestError,
     TokenLogprob,
+    check_request,
 )
 from lmkit.messages import TurboEngineConfig
 from lmkit.model.loader import load_model
@@ -184,22 +185,9 @@ class TurboEngine:
 
     # ---- Engine protocol ----
     def add_request(self, request: EngineRequest) -> None:
+        check_request(request, self.capabilities)
         sp = request.sampling
         ids = request.prompt_token_ids
-        if not ids:
-            raise InvalidRequestError("the prompt is empty")
-        if sp.max_new_tokens < 1:
-            raise InvalidRequestError(f"max_new_tokens must be >= 1, got {sp.max_new_tokens}")
-        if sp.temperature < 0:
-            raise InvalidRequestError(f"temperature must be >= 0, got {sp.temperature}")
-        if not 0 < sp.top_p <= 1:
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {sp.top_p}")
-        if sp.top_k < 0 or not 0 <= sp.min_p <= 1 or sp.repetition_penalty <= 0:
-            raise InvalidRequestError("top_k must be >= 0, min_p in [0, 1], repetition_penalty > 0")
-        if sp.logprobs is not None and not 0 <= sp.logprobs <= self.capabilities.max_top_logprobs:
-            raise InvalidRequestError(f"logprobs must be in [0, {self.capabilities.max_top_logprobs}]")
-        if request.adapter is not None:
-            raise InvalidRequestError("the turbo engine does not support LoRA adapters")
         if len(ids) + 1 > self.session_len:
             limit = "the KV pool's capacity" if self.session_len == self.num_blocks * self.block_size else "session_len"
             raise InvalidRequestError(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from tiny_models import tiny_config
 
 from lmkit import _turbo
 from lmkit.frontend.protocol import EngineRequest, SamplingParams
