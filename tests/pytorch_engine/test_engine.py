@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from engine_helpers import collect, generate
+from engine_testing import collect, generate
 
 from lmkit.frontend.protocol import Engine, EngineRequest, FinishReason, InvalidRequestError, SamplingParams
 from lmkit.messages import PytorchEngineConfig

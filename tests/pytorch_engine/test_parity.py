@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import generate
+from engine_testing import generate
 
 from lmkit.frontend.protocol import FinishReason, SamplingParams
 from lmkit.messages import PytorchEngineConfig

@@ -6,7 +6,7 @@ import random
 import time
 
 import pytest
-from turbo_helpers import collect, generate, wait_idle
+from engine_testing import collect, generate, wait_idle
 
 from lmkit.frontend.protocol import (
     Engine,

@@ -1,4 +1,4 @@
-"""Drive an Engine synchronously in tests."""
+"""Drive an Engine synchronously in tests (shared by both engines' suites)."""
 
 from __future__ import annotations
 
@@ -37,3 +37,14 @@ def generate(engine, prompts: dict[str, list[int]], sampling: SamplingParams) ->
     for rid, ids in prompts.items():
         engine.add_request(EngineRequest(rid, ids, sampling))
     return collect(engine, list(prompts))
+
+
+def wait_idle(engine, baseline_free: int, timeout: float = 30.0) -> None:
+    """Wait until the engine runs nothing and every block is free again."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = engine.stats()
+        if s.num_running == 0 and s.num_waiting == 0 and s.num_blocks_free == baseline_free:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"engine not idle: {engine.stats()}")
