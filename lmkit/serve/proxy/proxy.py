@@ -204,18 +204,19 @@ async def _route(
 async def _relay(upstream: httpx.Response, node: Node, manager: NodeManager, start: float):
     """Relay whole SSE events only, so a cut stream never leaves half an event at the client."""
     ok = False
+    done = False  # the [DONE] event went out: the request counts even if the client leaves at once after it
     pending = b""
     try:
         async for chunk in upstream.aiter_raw():
             pending += chunk
             cut = pending.rfind(b"\n\n")
             if cut >= 0:
-                yield pending[: cut + 2]
-                pending = pending[cut + 2 :]
+                piece, pending = pending[: cut + 2], pending[cut + 2 :]
+                done = done or b"data: [DONE]" in piece
+                yield piece
         if pending:
             yield pending
         ok = True
-        node.record(time.monotonic() - start)
     except httpx.HTTPError as exc:
         node.num_failures += 1
         err = APIError(502, f"the upstream node {node.url} failed mid-stream: {type(exc).__name__}: {exc}")
@@ -223,6 +224,8 @@ async def _relay(upstream: httpx.Response, node: Node, manager: NodeManager, sta
         asyncio.create_task(manager.check_or_remove(node))
     finally:
         node.in_flight -= 1
+        if ok or done:
+            node.record(time.monotonic() - start)
         if not ok:
             with contextlib.suppress(BaseException):
                 await upstream.aclose()
