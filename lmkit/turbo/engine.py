@@ -76,7 +76,8 @@ def _cuda_num_blocks(config: TurboEngineConfig, bytes_per_block: int, device: st
     return max(1, int(free * config.cache_max_entry_count // bytes_per_block))
 
 
-def _model_config(spec: ModelSpec) -> _turbo.ModelConfig:
+def model_config(spec: ModelSpec) -> _turbo.ModelConfig:
+    """The C++ model config of `spec` (the engine and the model-level tests build it the same way)."""
     mcfg = _turbo.ModelConfig()
     for name in (
         "vocab_size",
@@ -136,7 +137,7 @@ class TurboEngine:
                 file=sys.stderr,
             )
             self.session_len = self.num_blocks * self.block_size
-        self._engine = _turbo.Engine(self._engine_config(), _model_config(self.spec), weights)
+        self._engine = _turbo.Engine(self._engine_config(), model_config(self.spec), weights)
         del weights
         print(  # the C++ engine has printed the KV pool (blocks, tokens, MiB)
             f"[lmkit] turbo engine on {self.device} ({str(self.dtype).removeprefix('torch.')}), "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import TINY_COMMON
 
 from lmkit.model.loader import load_model
 from lmkit.pytorch_engine.block_manager import BlockManager
@@ -14,17 +15,6 @@ from lmkit.pytorch_engine.scheduler import ScheduledBatch
 from lmkit.pytorch_engine.sequence import Sequence
 
 BS = 4
-TINY = dict(
-    vocab_size=320,
-    hidden_size=64,
-    intermediate_size=160,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=512,
-    initializer_range=0.1,
-)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +23,7 @@ def windowed_mistral_dir(tmp_path_factory):
     from transformers import AutoModelForCausalLM, MistralConfig
 
     torch.manual_seed(0)
-    config = MistralConfig(**TINY, rope_theta=10000.0, sliding_window=16)
+    config = MistralConfig(**TINY_COMMON, rope_theta=10000.0, sliding_window=16)
     path = tmp_path_factory.mktemp("tiny-mistral-window")
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(str(path))
     return path

@@ -9,29 +9,10 @@ import torch
 
 from lmkit import _turbo
 from lmkit.model.loader import load_model
+from lmkit.turbo.engine import model_config
 from lmkit.turbo.weights import turbo_weights
 
 KINDS = ["llama", "llama31", "qwen2", "qwen3", "mistral"]
-
-
-def model_config(spec):
-    cfg = _turbo.ModelConfig()
-    for name in (
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_layers",
-        "num_heads",
-        "num_kv_heads",
-        "head_dim",
-        "max_position_embeddings",
-        "rms_norm_eps",
-        "qkv_bias",
-        "qk_norm",
-    ):
-        setattr(cfg, name, getattr(spec, name))
-    cfg.sliding_window = spec.sliding_window or 0
-    return cfg
 
 
 def run_chunks(model, tokens, chunks, block_size, blocks):
