@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from lmkit.model.spec import ModelSpec
 from lmkit.pytorch_engine.kernels import AttentionMetadata, attention_backend
+from lmkit.pytorch_engine.models.linear import Linear
 from lmkit.pytorch_engine.models.rope import apply_rope, rope_tables
 
 
@@ -25,13 +26,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 @dataclass(slots=True)
 class LayerWeights:
     input_norm: torch.Tensor  # [hidden]
-    qkv: torch.Tensor  # [q_size + 2 * kv_size, hidden]
-    qkv_bias: torch.Tensor | None  # [q_size + 2 * kv_size]
+    qkv: Linear  # [q_size + 2 * kv_size, hidden], bias [q_size + 2 * kv_size] (Qwen2)
     qk_norm: torch.Tensor | None  # [num_heads + num_kv_heads, head_dim]: q_norm per q head, k_norm per kv head
-    o: torch.Tensor  # [hidden, q_size]
+    o: Linear  # [hidden, q_size]
     post_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    down: torch.Tensor  # [hidden, intermediate]
+    gate_up: Linear  # [2 * intermediate, hidden]
+    down: Linear  # [hidden, intermediate]
 
 
 class LlamaForCausalLM:
@@ -44,10 +44,8 @@ class LlamaForCausalLM:
             return weights[name].to(device=device, dtype=dtype).contiguous()
 
         self.embed = w("model.embed_tokens.weight")
-        self.lm_head = self.embed if spec.tie_word_embeddings else w("lm_head.weight")
-        # On CPU, MKL is ~2x faster for the [vocab, hidden] GEMM as lm_head @ h.T for several rows, and as
-        # h @ lm_head.T (a transposed copy, +vocab*hidden memory) for one row; measured on this 2-core box.
-        self.lm_head_t = self.lm_head.t().contiguous() if device.type == "cpu" else None
+        # Tied to the embedding or not, the LM head gets its own (on CPU, packed) copy of the weight.
+        self.lm_head = Linear(self.embed if spec.tie_word_embeddings else w("lm_head.weight"))
         self.norm = w("model.norm.weight")
         self.layers = [self._layer(w, f"model.layers.{i}.") for i in range(spec.num_layers)]
         cos, sin = rope_tables(spec, spec.max_position_embeddings)
@@ -63,13 +61,15 @@ class LlamaForCausalLM:
             qk_norm = torch.cat([q_norm, w(attn + "k_norm.weight").expand(spec.num_kv_heads, -1)])
         return LayerWeights(
             input_norm=w(p + "input_layernorm.weight"),
-            qkv=torch.cat([w(attn + f"{n}_proj.weight") for n in "qkv"]),
-            qkv_bias=torch.cat([w(attn + f"{n}_proj.bias") for n in "qkv"]) if spec.qkv_bias else None,
+            qkv=Linear(
+                torch.cat([w(attn + f"{n}_proj.weight") for n in "qkv"]),
+                torch.cat([w(attn + f"{n}_proj.bias") for n in "qkv"]) if spec.qkv_bias else None,
+            ),
             qk_norm=qk_norm,
-            o=w(attn + "o_proj.weight"),
+            o=Linear(w(attn + "o_proj.weight")),
             post_norm=w(p + "post_attention_layernorm.weight"),
-            gate_up=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
-            down=w(p + "mlp.down_proj.weight"),
+            gate_up=Linear(torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])),
+            down=Linear(w(p + "mlp.down_proj.weight")),
         )
 
     def forward(
@@ -87,23 +87,16 @@ class LlamaForCausalLM:
         sin = self.rope_sin[positions].unsqueeze(1)
         h = F.embedding(input_ids, self.embed)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            h = h + self._attention(rms_norm(h, layer.input_norm, eps), layer, cos, sin, meta, k_cache, v_cache)
-            x = rms_norm(h, layer.post_norm, eps)
-            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, layer.down)
-        return self._logits(rms_norm(h[logits_indices], self.norm, eps))
-
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        if self.lm_head_t is None:
-            return F.linear(h, self.lm_head)
-        if h.shape[0] == 1:
-            return h @ self.lm_head_t
-        return (self.lm_head @ h.t()).t()
+            attn = self._attention(rms_norm(h, layer.input_norm, eps), layer, cos, sin, meta, k_cache, v_cache)
+            h = layer.o.add(attn, h)
+            gate, up = layer.gate_up(rms_norm(h, layer.post_norm, eps)).chunk(2, dim=-1)
+            h = layer.down.add(F.silu(gate) * up, h)
+        return self.lm_head(rms_norm(h[logits_indices], self.norm, eps))
 
     def _attention(self, x, layer: LayerWeights, cos, sin, meta, k_cache, v_cache) -> torch.Tensor:
         spec = self.spec
         t, nh, nkv, hd = x.shape[0], spec.num_heads, spec.num_kv_heads, spec.head_dim
-        qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+        qkv = layer.qkv(x)
         qk = qkv[:, : (nh + nkv) * hd].view(t, nh + nkv, hd)
         v = qkv[:, (nh + nkv) * hd :].view(t, nkv, hd)
         if layer.qk_norm is not None:
@@ -112,4 +105,4 @@ class LlamaForCausalLM:
         q, k = qk[:, :nh], qk[:, nh:]
         self.kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = self.kernels.paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
-        return F.linear(out.reshape(t, nh * hd), layer.o)
+        return out.reshape(t, nh * hd)

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <memory>
+#include <optional>
 
 namespace turbo {
 
@@ -15,21 +16,21 @@ class Linear {
   virtual int64_t out_features() const = 0;
 };
 
+// A dense weight. On CUDA: cuBLAS through at::mm. On CPU the weight is reordered once into oneDNN's blocked
+// layout and multiplied by oneDNN (torch's mkldnn ops): MKL's sgemm, which at::mm uses on CPU, is about 2x
+// slower at decode shapes on the project's AMD development machine (see lmkit/pytorch_engine/models/linear.py
+// for the measurements; the PyTorch engine does the same).
 class DenseLinear final : public Linear {
  public:
-  DenseLinear(at::Tensor weight, at::Tensor bias = {}) : w_(std::move(weight)), b_(std::move(bias)) {}
-  at::Tensor forward(const at::Tensor& x) const override {
-    if (x.size(0) == 1) {  // a single row: matrix-vector (faster than a 1-row GEMM in MKL)
-      at::Tensor y = b_.defined() ? at::addmv(b_, w_, x[0]) : at::mv(w_, x[0]);
-      return y.unsqueeze(0);
-    }
-    return b_.defined() ? at::addmm(b_, x, w_.t()) : at::mm(x, w_.t());
-  }
-  int64_t out_features() const override { return w_.size(0); }
+  DenseLinear(at::Tensor weight, at::Tensor bias = {});
+  at::Tensor forward(const at::Tensor& x) const override;
+  int64_t out_features() const override { return out_features_; }
 
  private:
-  at::Tensor w_;  // [out, in]
+  at::Tensor w_;  // [out, in]; on CPU with oneDNN, the packed (opaque) layout
   at::Tensor b_;  // [out] or undefined
+  int64_t out_features_;
+  bool packed_ = false;
 };
 
 }  // namespace turbo
