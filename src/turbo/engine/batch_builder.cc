@@ -13,16 +13,18 @@ struct HostAlloc {
   }
 };
 
-void to_device(ForwardBatch& fb, at::Device device) {
-  if (device.is_cpu()) return;
+}  // namespace
+
+ForwardBatch to_device(const ForwardBatch& host, at::Device device) {
+  ForwardBatch fb = host;
+  if (device.is_cpu()) return fb;
   for (at::Tensor* t : {&fb.token_ids, &fb.positions, &fb.slot_mapping, &fb.block_tables, &fb.cu_q_lens, &fb.kv_lens,
                         &fb.sample_rows})
     *t = t->to(device, /*non_blocking=*/true);
+  return fb;
 }
 
-}  // namespace
-
-ForwardBatch build_forward_batch(const ScheduledBatch& batch, int block_size, at::Device device,
+ForwardBatch build_forward_batch(const ScheduledBatch& batch, int block_size, bool pinned,
                                  std::vector<int>& sample_seq) {
   const int64_t S = static_cast<int64_t>(batch.seqs.size());
   const int64_t BS = block_size;
@@ -32,7 +34,7 @@ ForwardBatch build_forward_batch(const ScheduledBatch& batch, int block_size, at
     max_q = std::max<int64_t>(max_q, batch.num_new_tokens[i]);
     max_blocks = std::max<int64_t>(max_blocks, batch.seqs[i]->table.blocks.size());
   }
-  const HostAlloc host{!device.is_cpu()};
+  const HostAlloc host{pinned};
   ForwardBatch fb;
   fb.max_query_len = max_q;
   fb.is_decode = max_q == 1;
@@ -51,6 +53,8 @@ ForwardBatch build_forward_batch(const ScheduledBatch& batch, int block_size, at
   std::vector<int64_t> rows;
   int64_t r = 0;
   cu[0] = 0;
+  fb.num_decodes = 0;
+  while (fb.num_decodes < S && batch.num_new_tokens[fb.num_decodes] == 1) ++fb.num_decodes;
   for (int64_t i = 0; i < S; ++i) {
     const Sequence& seq = *batch.seqs[i];
     const int64_t start = seq.num_computed_tokens, n = batch.num_new_tokens[i];
@@ -70,7 +74,6 @@ ForwardBatch build_forward_batch(const ScheduledBatch& batch, int block_size, at
   }
   fb.sample_rows = host({static_cast<int64_t>(rows.size())}, at::kLong);
   std::copy(rows.begin(), rows.end(), fb.sample_rows.data_ptr<int64_t>());
-  to_device(fb, device);
   return fb;
 }
 

@@ -12,6 +12,9 @@
 
 #include "turbo/engine/batch_builder.h"
 #include "turbo/kernels/kernels.h"
+#ifdef TURBO_WITH_CUDA
+#include "turbo/kernels/cuda/decode_graphs.h"
+#endif
 
 namespace turbo {
 
@@ -27,6 +30,13 @@ Engine::Engine(const EngineConfig& config, const ModelConfig& model_config, cons
   print_kv_pool();
   bm_ = std::make_unique<BlockManager>(config.num_blocks, config.block_size, config.enable_prefix_caching);
   scheduler_ = std::make_unique<Scheduler>(bm_.get(), config.max_num_seqs, config.max_num_batched_tokens);
+#ifdef TURBO_WITH_CUDA
+  const char* graphs_env = std::getenv("TURBO_CUDA_GRAPHS");
+  if (model_->options().device().is_cuda() && config.cuda_graphs && !(graphs_env && std::string(graphs_env) == "0")) {
+    const int64_t max_blocks = std::min<int64_t>(config.num_blocks, bm_->blocks_needed(config.session_len));
+    graphs_ = std::make_unique<cuda::DecodeGraphs>(*model_, kv_, config.max_num_seqs, max_blocks);
+  }
+#endif
   stats_.num_blocks_total = stats_.num_blocks_free = config.num_blocks;
   thread_ = std::thread([this] { loop(); });
 }
@@ -197,8 +207,8 @@ void Engine::step() {
   static int64_t n_prof = 0;
   auto t0 = clock::now(), t1 = t0, t2 = t0;
   try {
-    ForwardBatch fb = build_forward_batch(batch, config_.block_size, model_->options().device(), sample_seq);
-    at::Tensor logits = model_->forward(fb, kv_);
+    const bool pinned = !model_->options().device().is_cpu();
+    at::Tensor logits = forward(build_forward_batch(batch, config_.block_size, pinned, sample_seq));
     t1 = clock::now();
     std::vector<kernels::SampleRow> rows;
     rows.reserve(sample_seq.size());
@@ -251,6 +261,13 @@ void Engine::step() {
       t_fwd = t_sample = t_other = 0;
     }
   }
+}
+
+at::Tensor Engine::forward(const ForwardBatch& host_batch) {
+#ifdef TURBO_WITH_CUDA
+  if (graphs_ && graphs_->accepts(host_batch)) return graphs_->run(host_batch);
+#endif
+  return model_->forward(to_device(host_batch, model_->options().device()), kv_);
 }
 
 Output Engine::make_output(Sequence& seq, FinishReason reason, const std::string& error) {

@@ -20,6 +20,10 @@
 
 namespace turbo {
 
+namespace cuda {
+class DecodeGraphs;
+}
+
 struct EngineConfig {
   int max_num_seqs = 128;
   int max_num_batched_tokens = 2048;
@@ -29,6 +33,7 @@ struct EngineConfig {
   int session_len = 4096;
   int num_threads = 0;   // 0: the default (all cores)
   int quant_policy = 0;  // KV quantization: 0 only, for now
+  bool cuda_graphs = true;  // GPU: replay decode steps as CUDA graphs (env TURBO_CUDA_GRAPHS=0 turns them off)
 };
 
 struct EngineStats {
@@ -66,6 +71,7 @@ class Engine {
   void loop();
   bool admit(bool block);  // apply queued commands; false once stop is requested
   void step();
+  at::Tensor forward(const ForwardBatch& host_batch);  // a CUDA graph where one fits, else the eager forward
   void emit(std::vector<Output>& outputs);
   Output make_output(Sequence& seq, FinishReason reason, const std::string& error = "");
   void end(Sequence* seq, FinishReason reason, std::vector<Output>& outputs, const std::string& error = "");
@@ -93,6 +99,9 @@ class Engine {
   KVCache kv_;
   std::unique_ptr<BlockManager> bm_;
   std::unique_ptr<Scheduler> scheduler_;
+#ifdef TURBO_WITH_CUDA
+  std::unique_ptr<cuda::DecodeGraphs> graphs_;  // null on CPU or with CUDA graphs off
+#endif
   std::unordered_map<std::string, std::unique_ptr<Sequence>> live_;
   int64_t arrivals_ = 0;
   EngineStats counters_;

@@ -179,7 +179,7 @@ void sample(const at::Tensor& logits, const std::vector<SampleRow>& rows, std::v
   TORCH_CHECK(logits.dim() == 2 && logits.size(0) == static_cast<int64_t>(rows.size()),
               "sample: logits must be [n, V], one row per request");
 #ifdef TURBO_WITH_CUDA
-  if (on_cuda(logits)) return turbo::cuda::sample_rows(logits.to(at::kFloat).contiguous(), rows, tokens, logprobs);
+  if (on_cuda(logits)) return turbo::cuda::sample_rows(logits.contiguous(), rows, tokens, logprobs);
 #else
   on_cuda(logits);
 #endif

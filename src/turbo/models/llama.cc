@@ -34,6 +34,24 @@ kernels::RopeTables rope_tables(const WeightMap& w, const at::Tensor& embed, int
   return r;
 }
 
+// Attention of one layer. On a GPU, a mixed batch's leading decode rows go to the split-K decode kernel and the
+// rest to the prefill kernel, which would give every one-query row a whole 64-query tile per query head.
+// prefill_cu: cu_q_lens of the prefill part (rows from num_decodes on), made once per step by forward().
+void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+            const ForwardBatch& b, const at::Tensor& prefill_cu, double scale, int64_t window) {
+  if (!prefill_cu.defined()) {
+    kernels::paged_attention(out, q, k_cache, v_cache, b.block_tables, b.cu_q_lens, b.kv_lens, b.max_query_len,
+                             scale, window);
+    return;
+  }
+  const int64_t D = b.num_decodes, T = q.size(0), S = b.kv_lens.size(0);
+  at::Tensor out_d = out.narrow(0, 0, D), out_p = out.narrow(0, D, T - D);
+  kernels::paged_attention(out_d, q.narrow(0, 0, D), k_cache, v_cache, b.block_tables.narrow(0, 0, D),
+                           b.cu_q_lens.narrow(0, 0, D + 1), b.kv_lens.narrow(0, 0, D), 1, scale, window);
+  kernels::paged_attention(out_p, q.narrow(0, D, T - D), k_cache, v_cache, b.block_tables.narrow(0, D, S - D),
+                           prefill_cu, b.kv_lens.narrow(0, D, S - D), b.max_query_len, scale, window);
+}
+
 }  // namespace
 
 LlamaModel::LlamaModel(const ModelConfig& cfg, const WeightMap& w) : cfg_(cfg) {
@@ -71,6 +89,10 @@ at::Tensor LlamaModel::forward(const ForwardBatch& b, KVCache& kv) const {
   at::Tensor x = at::index_select(embed_, 0, b.token_ids);  // [T, hidden]
   at::Tensor residual;
   at::Tensor attn = at::empty({T, H, D}, x.options());
+  at::Tensor prefill_cu;  // defined when the batch is split between the two attention kernels (see attend)
+  const int64_t S = b.kv_lens.size(0);
+  if (!x.device().is_cpu() && b.max_query_len > 1 && b.num_decodes > 0 && b.num_decodes < S)
+    prefill_cu = b.cu_q_lens.narrow(0, b.num_decodes, S - b.num_decodes + 1) - static_cast<int>(b.num_decodes);
   for (size_t i = 0; i < layers_.size(); ++i) {
     const Layer& l = layers_[i];
     if (i == 0) {
@@ -90,8 +112,7 @@ at::Tensor LlamaModel::forward(const ForwardBatch& b, KVCache& kv) const {
     }
     kernels::rotary(q, k, b.positions, rope_);
     kernels::write_kv(k, v, kv.k[i], kv.v[i], b.slot_mapping);
-    kernels::paged_attention(attn, q, kv.k[i], kv.v[i], b.block_tables, b.cu_q_lens, b.kv_lens, b.max_query_len,
-                             scale, cfg_.sliding_window);
+    attend(attn, q, kv.k[i], kv.v[i], b, prefill_cu, scale, cfg_.sliding_window);
     x = l.o->forward(attn.view({T, H * D}));
     kernels::fused_add_rms_norm(x, residual, l.post_norm, cfg_.rms_norm_eps);
     x = l.down->forward(kernels::silu_mul(l.gate_up->forward(x)));

@@ -42,6 +42,7 @@ struct ForwardBatch {
   // Host facts of the batch (kernel choice without a device->host sync).
   int64_t max_query_len = 1;  // the longest q_len of the batch
   bool is_decode = false;     // every q_len == 1
+  int64_t num_decodes = 0;    // leading sequences with q_len == 1 (the scheduler puts decodes first)
 };
 
 using WeightMap = std::unordered_map<std::string, at::Tensor>;

@@ -9,6 +9,9 @@
 #include "turbo/engine/engine.h"
 #include "turbo/kernels/kernels.h"
 #include "turbo/kv/block_manager.h"
+#ifdef TURBO_WITH_CUDA
+#include "turbo/kernels/cuda/decode_graphs.h"
+#endif
 
 namespace py = pybind11;
 using namespace turbo;
@@ -46,6 +49,14 @@ int64_t max_query_len(const at::Tensor& cu_q_lens) {
   return std::max<int64_t>(1, (cu_q_lens.slice(0, 1) - cu_q_lens.slice(0, 0, -1)).max().item<int64_t>());
 }
 
+// Leading sequences of a batch with one query row (test bindings only: reads cu_q_lens, syncing on a GPU).
+int64_t num_decodes(const at::Tensor& cu_q_lens) {
+  const at::Tensor lens = (cu_q_lens.slice(0, 1) - cu_q_lens.slice(0, 0, -1)).cpu();
+  int64_t n = 0;
+  while (n < lens.numel() && lens[n].item<int64_t>() == 1) ++n;
+  return n;
+}
+
 #ifdef TURBO_WITH_CUDA
 constexpr bool TURBO_CUDA_BUILT = true;
 #else
@@ -74,7 +85,8 @@ PYBIND11_MODULE(_turbo, m) {
       .def_readwrite("enable_prefix_caching", &EngineConfig::enable_prefix_caching)
       .def_readwrite("session_len", &EngineConfig::session_len)
       .def_readwrite("num_threads", &EngineConfig::num_threads)
-      .def_readwrite("quant_policy", &EngineConfig::quant_policy);
+      .def_readwrite("quant_policy", &EngineConfig::quant_policy)
+      .def_readwrite("cuda_graphs", &EngineConfig::cuda_graphs);
 
   py::class_<ModelConfig>(m, "ModelConfig")
       .def(py::init<>())
@@ -140,6 +152,9 @@ PYBIND11_MODULE(_turbo, m) {
   struct ModelRunner {
     std::unique_ptr<LlamaModel> model;
     KVCache kv;
+#ifdef TURBO_WITH_CUDA
+    std::unique_ptr<cuda::DecodeGraphs> graphs;  // made by the first forward_graph
+#endif
   };
   py::class_<ModelRunner>(m, "Model")
       .def(py::init([](const ModelConfig& mcfg, const std::map<std::string, at::Tensor>& w, int num_blocks,
@@ -158,9 +173,29 @@ PYBIND11_MODULE(_turbo, m) {
              ForwardBatch b{token_ids, positions, slot_mapping, block_tables, cu_q_lens, kv_lens, sample_rows};
              b.max_query_len = max_query_len(cu_q_lens);
              b.is_decode = b.max_query_len == 1;
+             b.num_decodes = num_decodes(cu_q_lens);
              return r.model->forward(b, r.kv);
            },
-           py::call_guard<py::gil_scoped_release>());
+           py::call_guard<py::gil_scoped_release>())
+#ifdef TURBO_WITH_CUDA
+      // A decode batch through a CUDA graph (buckets up to max_num_seqs, block tables up to max_blocks wide).
+      .def("forward_graph",
+           [](ModelRunner& r, at::Tensor token_ids, at::Tensor positions, at::Tensor slot_mapping,
+              at::Tensor block_tables, at::Tensor cu_q_lens, at::Tensor kv_lens, at::Tensor sample_rows,
+              int64_t max_num_seqs, int64_t max_blocks) {
+             c10::InferenceMode guard;
+             if (!r.graphs) r.graphs = std::make_unique<cuda::DecodeGraphs>(*r.model, r.kv, max_num_seqs, max_blocks);
+             ForwardBatch b{token_ids, positions, slot_mapping, block_tables, cu_q_lens, kv_lens, sample_rows};
+             b.max_query_len = max_query_len(cu_q_lens);
+             b.is_decode = b.max_query_len == 1;
+             b.num_decodes = num_decodes(cu_q_lens);
+             TORCH_CHECK(r.graphs->accepts(b), "forward_graph: not a decode batch the graphs accept");
+             return std::make_tuple(r.graphs->run(b).clone(), r.graphs->bucket(token_ids.size(0)),
+                                    r.graphs->num_graphs());
+           },
+           py::call_guard<py::gil_scoped_release>())
+#endif
+      ;
 
   // ---- block manager (unit tests) ----
   m.def("hash_block", [](uint64_t parent, const std::vector<int64_t>& t) {

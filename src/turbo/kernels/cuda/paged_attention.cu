@@ -5,8 +5,8 @@
 // runs its own online softmax (in the log2 domain) over its tokens for all GROUP query heads of the KV head, so
 // K/V are read once per group of heads; the token groups are merged through shared memory at the end. With one
 // split the CTA writes the output; otherwise it writes (acc, m, l) to the workspace and a merge kernel combines
-// the splits. The split of a sequence covers [ctx * split / splits, ...) of its own context, so ragged batches
-// keep all CTAs busy. Nothing here syncs with the host or allocates: CUDA-graph friendly for a fixed num_splits.
+// the splits. A split of a sequence covers max(ctx / splits, 128) tokens of its own context, so ragged batches
+// keep the CTAs busy. Nothing here syncs with the host or allocates: CUDA-graph friendly for a fixed num_splits.
 #include "turbo/kernels/cuda/common.cuh"
 #include "turbo/kernels/cuda/cuda_kernels.h"
 
@@ -22,6 +22,9 @@ constexpr int kDecodeWarps = 4;
 #define TURBO_DECODE_CHUNK 4  // tokens per token group per step (loads in flight) for groups of <= 4 heads
 #endif
 constexpr float kLog2e = 1.4426950408889634f;
+// Fewest tokens a split takes: a CUDA graph fixes num_splits for the longest context it may see, so a short
+// context leaves its last splits empty (they exit at once) instead of spreading a few tokens over every split.
+constexpr int kMinSplitTokens = 128;
 
 template <typename T, int HEAD_DIM>
 struct DecodeShape {
@@ -61,7 +64,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
     const int ctx = context_lens[seq];
     const int start = window > 0 ? max(0, ctx - window) : 0;
     const int len = max(ctx - start, 0);
-    const int per = (len + num_splits - 1) / num_splits;
+    const int per = max((len + num_splits - 1) / num_splits, kMinSplitTokens);
     const int tb = start + min(len, split * per);
     const int te = start + min(len, (split + 1) * per);
 

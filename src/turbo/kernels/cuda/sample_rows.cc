@@ -76,7 +76,7 @@ void fill_logprobs(const at::Tensor& logits, const at::Tensor& ids, const std::v
 
 }  // namespace
 
-void sample_rows(const at::Tensor& logits, const std::vector<SampleRow>& rows, std::vector<int32_t>& tokens,
+void sample_rows(const at::Tensor& raw_logits, const std::vector<SampleRow>& rows, std::vector<int32_t>& tokens,
                  std::vector<TokenLogprob>& logprobs) {
   const int64_t n = static_cast<int64_t>(rows.size());
   tokens.assign(n, 0);
@@ -87,6 +87,12 @@ void sample_rows(const at::Tensor& logits, const std::vector<SampleRow>& rows, s
   const bool any_logprobs = std::any_of(rows.begin(), rows.end(), [](const SampleRow& r) {
     return r.params->logprobs >= 0;
   });
+  if (all_greedy && !any_penalty && !any_logprobs) {  // argmax in the logits' own dtype (widening is exact)
+    const at::Tensor host = raw_logits.argmax(1).to(at::kInt).cpu();
+    std::copy_n(host.data_ptr<int32_t>(), n, tokens.begin());
+    return;
+  }
+  const at::Tensor logits = raw_logits.to(at::kFloat);
   at::Tensor x = logits;
   if (any_penalty) {
     x = logits.clone();  // logprobs are of the raw logits

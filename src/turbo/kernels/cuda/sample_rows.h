@@ -9,9 +9,10 @@
 
 namespace turbo::cuda {
 
-// logits [n, V] float32 on a CUDA device. Greedy rows without penalties -> argmax on the device; other rows ->
-// the sample kernel; repetition penalties and logprobs with ATen on the device. One device->host copy of the
-// results at the end (the step's only sync).
+// logits [n, V] on a CUDA device, any float dtype. All-greedy batches without penalties or logprobs -> argmax in
+// that dtype; otherwise a float32 copy: greedy rows -> argmax, other rows -> the sample kernel, repetition
+// penalties and logprobs with ATen on the device. One device->host copy of the results at the end (the step's
+// only sync).
 void sample_rows(const at::Tensor& logits, const std::vector<kernels::SampleRow>& rows, std::vector<int32_t>& tokens,
                  std::vector<TokenLogprob>& logprobs);
 

@@ -1,0 +1,137 @@
+// Decode CUDA graphs per batch bucket: capture on first use, replay with the step's inputs copied into static
+// buffers. Host code only; a .cu so that nvcc supplies the CUDA include paths that ATen/cuda needs.
+#include "turbo/kernels/cuda/decode_graphs.h"
+
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <map>
+#include <vector>
+
+namespace turbo::cuda {
+
+struct DecodeGraphs::Impl {
+  Impl(const LlamaModel& m, KVCache& k, c10::cuda::CUDAStream s) : model(m), kv(k), stream(s) {}
+
+  const LlamaModel& model;
+  KVCache& kv;
+  c10::cuda::CUDAStream stream;  // warm-up and capture (a graph cannot be captured on the default stream)
+  int64_t max_bs = 0, width = 0;
+  std::vector<int64_t> buckets;              // 1, 2, 4, 8, 16, 24, ..., max_bs
+  at::Tensor idx, i32, cu, rows, logits;     // static device buffers (layout in the header)
+  decltype(at::cuda::graph_pool_handle()) pool;
+  std::map<int64_t, std::unique_ptr<at::cuda::CUDAGraph>> graphs;
+
+  // The static inputs of bucket B as a ForwardBatch (every view's address is fixed for the graph's life).
+  ForwardBatch views(int64_t B) const {
+    ForwardBatch fb;
+    fb.token_ids = idx.narrow(0, 0, B);
+    fb.positions = idx.narrow(0, B, B);
+    fb.slot_mapping = idx.narrow(0, 2 * B, B);
+    fb.block_tables = i32.narrow(0, 0, B * width).view({B, width});
+    fb.kv_lens = i32.narrow(0, B * width, B);
+    fb.cu_q_lens = cu.narrow(0, 0, B + 1);
+    fb.sample_rows = rows.narrow(0, 0, B);
+    fb.max_query_len = 1;
+    fb.is_decode = true;
+    fb.num_decodes = B;
+    return fb;
+  }
+
+  // Copies the batch, padded to B rows, into the static inputs: one pinned staging buffer per dtype, two copies.
+  void load(const ForwardBatch& batch, int64_t B) {
+    const int64_t S = batch.token_ids.size(0);
+    const auto pinned = at::TensorOptions().pinned_memory(true);
+    at::Tensor h64 = at::empty({3 * B}, pinned.dtype(at::kLong));
+    at::Tensor h32 = at::zeros({B * width + B}, pinned.dtype(at::kInt));
+    const at::Tensor tok = batch.token_ids.cpu().to(at::kLong), pos = batch.positions.cpu().to(at::kLong);
+    const at::Tensor slot = batch.slot_mapping.cpu().to(at::kLong);
+    const at::Tensor bt = batch.block_tables.cpu().contiguous(), kvl = batch.kv_lens.cpu().contiguous();
+    int64_t* p = h64.data_ptr<int64_t>();
+    std::copy_n(tok.data_ptr<int64_t>(), S, p);
+    std::fill(p + S, p + B, 0);
+    std::copy_n(pos.data_ptr<int64_t>(), S, p + B);
+    std::fill(p + B + S, p + 2 * B, 0);
+    std::copy_n(slot.data_ptr<int64_t>(), S, p + 2 * B);
+    std::fill(p + 2 * B + S, p + 3 * B, -1);  // padding rows write no KV
+    int32_t* q = h32.data_ptr<int32_t>();
+    const int64_t w = bt.size(1);
+    for (int64_t s = 0; s < S; ++s) std::copy_n(bt.data_ptr<int32_t>() + s * w, w, q + s * width);
+    std::copy_n(kvl.data_ptr<int32_t>(), S, q + B * width);  // padding rows: kv_len 0, no attention
+    idx.narrow(0, 0, 3 * B).copy_(h64, /*non_blocking=*/true);
+    i32.narrow(0, 0, B * width + B).copy_(h32, /*non_blocking=*/true);
+  }
+
+  // Warm-up run (cuBLAS handles and workspaces, lazy module loads) and capture, both on the side stream, over
+  // padding-only inputs: nothing is written to the KV cache.
+  void capture(int64_t B) {
+    const ForwardBatch fb = views(B);
+    idx.narrow(0, 0, 2 * B).zero_();
+    idx.narrow(0, 2 * B, B).fill_(-1);
+    i32.narrow(0, 0, B * width + B).zero_();
+    c10::cuda::device_synchronize();
+    auto graph = std::make_unique<at::cuda::CUDAGraph>();
+    {
+      c10::cuda::CUDAStreamGuard guard(stream);
+      logits.narrow(0, 0, B).copy_(model.forward(fb, kv));
+      stream.synchronize();
+      graph->capture_begin(pool, cudaStreamCaptureModeThreadLocal);
+      logits.narrow(0, 0, B).copy_(model.forward(fb, kv));
+      graph->capture_end();
+    }
+    graphs[B] = std::move(graph);
+  }
+};
+
+DecodeGraphs::DecodeGraphs(const LlamaModel& model, KVCache& kv, int64_t max_num_seqs, int64_t max_blocks_per_seq) {
+  const at::Device dev = model.options().device();
+  TORCH_CHECK(dev.is_cuda(), "DecodeGraphs: the model must be on a CUDA device");
+  impl_ = std::make_unique<Impl>(model, kv, c10::cuda::getStreamFromPool(false, dev.index()));
+  Impl& m = *impl_;
+  m.max_bs = std::max<int64_t>(1, max_num_seqs);
+  m.width = std::max<int64_t>(1, max_blocks_per_seq);
+  for (int64_t b : {1, 2, 4, 8})
+    if (b < m.max_bs) m.buckets.push_back(b);
+  for (int64_t b = 16; b < m.max_bs; b += 8) m.buckets.push_back(b);
+  m.buckets.push_back(m.max_bs);
+  const auto opts = at::TensorOptions().device(dev);
+  m.idx = at::zeros({3 * m.max_bs}, opts.dtype(at::kLong));
+  m.i32 = at::zeros({m.max_bs * m.width + m.max_bs}, opts.dtype(at::kInt));
+  m.cu = at::arange(m.max_bs + 1, opts.dtype(at::kInt));
+  m.rows = at::arange(m.max_bs, opts.dtype(at::kLong));
+  m.logits = at::empty({m.max_bs, model.config().vocab_size}, model.options());
+  m.pool = at::cuda::graph_pool_handle();
+}
+
+DecodeGraphs::~DecodeGraphs() = default;
+
+int64_t DecodeGraphs::bucket(int64_t num_seqs) const {
+  auto it = std::lower_bound(impl_->buckets.begin(), impl_->buckets.end(), num_seqs);
+  return it == impl_->buckets.end() ? -1 : *it;
+}
+
+int64_t DecodeGraphs::num_graphs() const { return static_cast<int64_t>(impl_->graphs.size()); }
+
+bool DecodeGraphs::accepts(const ForwardBatch& batch) const {
+  const int64_t S = batch.token_ids.size(0);
+  return batch.max_query_len == 1 && S >= 1 && S <= impl_->max_bs && batch.kv_lens.size(0) == S &&
+         batch.sample_rows.size(0) == S && batch.block_tables.size(1) <= impl_->width;
+}
+
+at::Tensor DecodeGraphs::run(const ForwardBatch& batch) {
+  TORCH_CHECK(accepts(batch), "DecodeGraphs: not a decode batch this object can replay");
+  const int64_t S = batch.token_ids.size(0), B = bucket(S);
+  auto it = impl_->graphs.find(B);
+  if (it == impl_->graphs.end()) {
+    impl_->capture(B);
+    it = impl_->graphs.find(B);
+  }
+  impl_->load(batch, B);
+  it->second->replay();
+  return impl_->logits.narrow(0, 0, S);
+}
+
+}  // namespace turbo::cuda

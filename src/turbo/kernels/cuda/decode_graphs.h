@@ -1,0 +1,47 @@
+// Decode steps replayed as CUDA graphs, one graph per batch bucket (nano-vllm's scheme). No CUDA headers here,
+// so the engine can hold one; built only with TURBO_WITH_CUDA (it sits in kernels/cuda/ because that folder's
+// sources are the ones compiled only in a CUDA build).
+//
+// A decode batch of S sequences (every q_len 1, every row sampled) runs in the smallest bucket B >= S. Static
+// device inputs, sized for the largest bucket, are views whose addresses the graphs captured:
+//
+//   idx [3 * B] int64:         token_ids | positions | slot_mapping        (rows S..B-1: 0 | 0 | -1)
+//   i32 [B * W + B] int32:     block_tables [B, W] | kv_lens [B]           (rows S..B-1: 0 | 0)
+//
+// W = the engine's most blocks per sequence, so one graph serves every context length; padding rows write no
+// KV (slot -1) and attend to nothing (kv_len 0). Each step: two host->device copies, one replay, and the logits
+// land in one shared buffer [max_bs, vocab]. The graphs share one memory pool: they never run concurrently.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <memory>
+
+#include "turbo/kv/kv_cache.h"
+#include "turbo/models/llama.h"
+
+namespace turbo::cuda {
+
+class DecodeGraphs {
+ public:
+  // model and kv must outlive this object. max_num_seqs: the largest bucket; max_blocks_per_seq: W.
+  DecodeGraphs(const LlamaModel& model, KVCache& kv, int64_t max_num_seqs, int64_t max_blocks_per_seq);
+  ~DecodeGraphs();
+  DecodeGraphs(const DecodeGraphs&) = delete;
+  DecodeGraphs& operator=(const DecodeGraphs&) = delete;
+
+  // Whether `batch` can replay a graph: decode-only, every row sampled, at most max_num_seqs rows and W blocks.
+  bool accepts(const ForwardBatch& batch) const;
+  // Logits [S, vocab] of the batch (its tensors on the host, pinned for asynchronous copies, or on the device),
+  // captured on first use of its bucket. The result is a view that the next run overwrites.
+  at::Tensor run(const ForwardBatch& batch);
+  int64_t num_graphs() const;
+  int64_t bucket(int64_t num_seqs) const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace turbo::cuda
