@@ -1,7 +1,10 @@
 // Paged attention on CPU: prefill chunks (causal over cached + new tokens) and decodes in one call.
-// Work is split over (sequence, query tile, head) with at::parallel_for; each item walks the sequence's KV
-// blocks once with an online softmax (per block: scores, block max, one rescale, weighted V sum), so a K/V
-// block is loaded once per tile of queries. GQA: head h reads kv head h / (H / KVH).
+//
+// A work item is (sequence, kv head, tile of up to kTile queries). Its rows are the tile's queries times the
+// kv head's `group` query heads (GQA), so every K/V row is loaded once per item and used by all of them. The
+// item walks the sequence's KV blocks once with an online softmax (per block: scores, block max, one rescale,
+// weighted V sum). head_dim 64 and 128 are compiled with a constant D (fully unrolled vector loops); other
+// sizes take the same code with a runtime D. Items are spread over ATen's thread pool.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -18,24 +21,27 @@ namespace {
 
 constexpr int64_t kTile = 16;  // queries per work item
 
-struct TileArgs {
-  const float* q;  // first query row of the tile, this head
-  int64_t q_stride;
+struct ItemArgs {
+  const float* q;  // the tile's first query row, the kv head's first query head
+  int64_t q_stride, q_head_stride;
   float* out;
-  int64_t out_stride;
-  int64_t n_q;
-  int64_t first_pos;  // position of the tile's first query
-  const float* k_cache;
-  const float* v_cache;
+  int64_t out_stride, out_head_stride;
+  int64_t n_q, group;  // rows = n_q * group, row r = (query r / group, head r % group)
+  int64_t first_pos;   // position of the tile's first query
+  const float* k;      // the caches at this kv head: row j of block b at k + (b * BS + j) * kv_row_stride
+  const float* v;
   const int32_t* blocks;  // the sequence's block table
-  int64_t block_size, kv_row_stride, kvh_offset, D;
+  int64_t block_size, kv_row_stride, D;
   float scale;
   int64_t window;  // 0 = global
-  float* scratch;  // n_q * (D + 2) + block_size floats
+  float* scratch;  // scratch_floats(kTile * group, D, BS)
 };
 
+inline int64_t scratch_floats(int64_t rows, int64_t D, int64_t BS) { return rows * (2 * D + BS + 2); }
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define TURBO_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+// Feature levels, not CPU models: `arch=skylake-avx512` is chosen only on Intel parts, never on AMD ones.
+#define TURBO_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define TURBO_CLONES
 #endif
@@ -60,69 +66,176 @@ inline float exp_neg(float x) {
   return p * scale;
 }
 
-TURBO_CLONES
-void attend_tile(const TileArgs& a) {
-  const int64_t D = a.D, BS = a.block_size;
-  float* acc = a.scratch;                  // [n_q, D]
-  float* m = acc + a.n_q * D;              // [n_q]
-  float* l = m + a.n_q;                    // [n_q]
-  float* s = l + a.n_q;                    // [BS]
-  for (int64_t i = 0; i < a.n_q * D; ++i) acc[i] = 0.f;
-  for (int64_t i = 0; i < a.n_q; ++i) {
-    m[i] = -std::numeric_limits<float>::infinity();
-    l[i] = 0.f;
+// 16 floats, one AVX-512 register (two AVX2 ones, four SSE ones in the other clones).
+using vf = float __attribute__((vector_size(64)));
+inline vf load16(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store16(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+inline float hsum(vf v) {
+  float t[16];
+  std::memcpy(t, &v, sizeof(t));
+  for (int w = 8; w > 0; w /= 2)
+    for (int i = 0; i < w; ++i) t[i] += t[i + w];
+  return t[0];
+}
+
+// One query's kRows heads (rows r0.., consecutive) against keys [j0, j1) of one block, head_dim kD (a multiple
+// of 16): every K and V row is loaded once for all the heads, and the heads' accumulators stay in registers.
+template <int kD, int kRows>
+inline void block_scores(const float* qs, const float* kb, int64_t kv_row_stride, int64_t j0, int64_t j1, float* s,
+                         int64_t BS) {
+  constexpr int C = kD / 16;
+  vf q[kRows][C];
+  for (int g = 0; g < kRows; ++g)
+    for (int c = 0; c < C; ++c) q[g][c] = load16(qs + g * kD + 16 * c);
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* kj = kb + j * kv_row_stride;
+    vf k[C];
+    for (int c = 0; c < C; ++c) k[c] = load16(kj + 16 * c);
+    for (int g = 0; g < kRows; ++g) {
+      vf p0 = q[g][0] * k[0], p1 = C > 1 ? q[g][1] * k[1] : vf{};
+      for (int c = 2; c < C; c += 2) {
+        p0 += q[g][c] * k[c];
+        if (c + 1 < C) p1 += q[g][c + 1] * k[c + 1];
+      }
+      s[g * BS + j] = hsum(p0 + p1);
+    }
+  }
+}
+
+template <int kD, int kRows>
+inline void block_values(const float* p, int64_t BS, const float* vb, int64_t kv_row_stride, int64_t j0, int64_t j1,
+                         float* acc) {
+  constexpr int C = kD / 16;
+  vf a[kRows][C];
+  for (int g = 0; g < kRows; ++g)
+    for (int c = 0; c < C; ++c) a[g][c] = load16(acc + g * kD + 16 * c);
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* vj = vb + j * kv_row_stride;
+    vf v[C];
+    for (int c = 0; c < C; ++c) v[c] = load16(vj + 16 * c);
+    for (int g = 0; g < kRows; ++g) {
+      const float pg = p[g * BS + j];
+      for (int c = 0; c < C; ++c) a[g][c] += pg * v[c];
+    }
+  }
+  for (int g = 0; g < kRows; ++g)
+    for (int c = 0; c < C; ++c) store16(acc + g * kD + 16 * c, a[g][c]);
+}
+
+// Up to 4 consecutive rows in one pass: `fn` (block_scores or block_values) instantiated for n = 1..4 rows.
+#define TURBO_ROWS_DISPATCH(fn, kD, n, ...) \
+  switch (n) {                               \
+    case 1: fn<kD, 1>(__VA_ARGS__); break;   \
+    case 2: fn<kD, 2>(__VA_ARGS__); break;   \
+    case 3: fn<kD, 3>(__VA_ARGS__); break;   \
+    default: fn<kD, 4>(__VA_ARGS__); break;  \
+  }
+
+// kD > 0: head_dim known at compile time; 0: a.D at run time.
+template <int kD>
+TURBO_CLONES void attend(const ItemArgs& a) {
+  const int64_t D = kD > 0 ? kD : a.D, BS = a.block_size, G = a.group, R = a.n_q * a.group;
+  float* qs = a.scratch;     // [R, D]: the rows' queries, pre-scaled
+  float* acc = qs + R * D;   // [R, D]
+  float* s = acc + R * D;    // [R, BS]: one block's scores, then probabilities
+  float* m = s + R * BS;     // [R]: running max
+  float* l = m + R;          // [R]: running sum
+  for (int64_t r = 0; r < R; ++r) {
+    const float* src = a.q + (r / G) * a.q_stride + (r % G) * a.q_head_stride;
+    float* dst = qs + r * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * a.scale;
+    std::memset(acc + r * D, 0, sizeof(float) * D);
+    m[r] = -std::numeric_limits<float>::infinity();
+    l[r] = 0.f;
   }
   const int64_t last_pos = a.first_pos + a.n_q - 1;
   const int64_t lo_all = a.window > 0 ? std::max<int64_t>(0, a.first_pos - a.window + 1) : 0;
   for (int64_t b = lo_all / BS; b <= last_pos / BS; ++b) {
-    const int64_t block_start = b * BS;
-    const float* kb = a.k_cache + static_cast<int64_t>(a.blocks[b]) * BS * a.kv_row_stride + a.kvh_offset;
-    const float* vb = a.v_cache + static_cast<int64_t>(a.blocks[b]) * BS * a.kv_row_stride + a.kvh_offset;
-    for (int64_t i = 0; i < a.n_q; ++i) {
+    const int64_t start = b * BS;
+    const float* kb = a.k + static_cast<int64_t>(a.blocks[b]) * BS * a.kv_row_stride;
+    const float* vb = a.v + static_cast<int64_t>(a.blocks[b]) * BS * a.kv_row_stride;
+    // Keys [j0, j1) of this block are visible to query i (its causal limit, and the window's lower one).
+    auto range = [&](int64_t i, int64_t& j0, int64_t& j1) {
       const int64_t pos = a.first_pos + i;
-      const int64_t lo = a.window > 0 ? std::max<int64_t>(0, pos - a.window + 1) : 0;
-      const int64_t j0 = std::max<int64_t>(block_start, lo) - block_start;
-      const int64_t j1 = std::min<int64_t>(block_start + BS, pos + 1) - block_start;
-      if (j0 >= j1) continue;
-      const float* qi = a.q + i * a.q_stride;
-      float bmax = -std::numeric_limits<float>::infinity();
+      const int64_t first = a.window > 0 ? std::max<int64_t>(0, pos - a.window + 1) : 0;
+      j0 = std::max<int64_t>(start, first) - start;
+      j1 = std::min<int64_t>(start + BS, pos + 1) - start;
+    };
+    // Scores: one pass over the block's keys, each key against every row that sees it.
+    for (int64_t i = 0; i < a.n_q; ++i) {
+      int64_t j0, j1;
+      range(i, j0, j1);
+      if constexpr (kD > 0 && kD % 16 == 0) {
+        for (int64_t g = 0; g < G; g += 4) {
+          const int64_t r = i * G + g, n = std::min<int64_t>(4, G - g);
+          TURBO_ROWS_DISPATCH(block_scores, kD, n, qs + r * kD, kb, a.kv_row_stride, j0, j1, s + r * BS, BS)
+        }
+        continue;
+      }
       for (int64_t j = j0; j < j1; ++j) {
         const float* kj = kb + j * a.kv_row_stride;
-        float dot = 0.f;
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qr = qs + (i * G + g) * D;
+          float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < D; ++d) dot += qi[d] * kj[d];
-        s[j] = dot * a.scale;
-        bmax = std::max(bmax, s[j]);
+          for (int64_t d = 0; d < D; ++d) dot += qr[d] * kj[d];
+          s[(i * G + g) * BS + j] = dot;
+        }
       }
-      float* ai = acc + i * D;
-      const float m_new = std::max(m[i], bmax);
-      const float corr = std::exp(m[i] - m_new);  // 0 on the first block (m = -inf)
-      if (corr != 1.f) {
+    }
+    // Online softmax row by row, then the weighted V sum.
+    for (int64_t i = 0; i < a.n_q; ++i) {
+      int64_t j0, j1;
+      range(i, j0, j1);
+      if (j0 >= j1) continue;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t r = i * G + g;
+        float* sr = s + r * BS;
+        float bmax = -std::numeric_limits<float>::infinity();
+        for (int64_t j = j0; j < j1; ++j) bmax = std::max(bmax, sr[j]);
+        const float m_new = std::max(m[r], bmax);
+        const float corr = exp_neg(m[r] - m_new);  // 0 on the first block (m = -inf, clamped)
+        float* ar = acc + r * D;
+        if (corr != 1.f) {
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) ai[d] *= corr;
-      }
-      float li = l[i] * corr;
-#pragma omp simd reduction(+ : li)
-      for (int64_t j = j0; j < j1; ++j) {
-        s[j] = exp_neg(s[j] - m_new);
-        li += s[j];
-      }
-      for (int64_t j = j0; j < j1; ++j) {
-        const float p = s[j];
-        const float* vj = vb + j * a.kv_row_stride;
+          for (int64_t d = 0; d < D; ++d) ar[d] *= corr;
+        }
+        float lr = 0.f;
+#pragma omp simd reduction(+ : lr)
+        for (int64_t j = j0; j < j1; ++j) {
+          sr[j] = exp_neg(sr[j] - m_new);
+          lr += sr[j];
+        }
+        l[r] = l[r] * corr + lr;
+        m[r] = m_new;
+        if constexpr (kD == 0 || kD % 16 != 0) {
+          for (int64_t j = j0; j < j1; ++j) {
+            const float p = sr[j];
+            const float* vj = vb + j * a.kv_row_stride;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) ai[d] += p * vj[d];
+            for (int64_t d = 0; d < D; ++d) ar[d] += p * vj[d];
+          }
+        }
       }
-      l[i] = li;
-      m[i] = m_new;
+      if constexpr (kD > 0 && kD % 16 == 0) {
+        for (int64_t g = 0; g < G; g += 4) {
+          const int64_t r = i * G + g, n = std::min<int64_t>(4, G - g);
+          TURBO_ROWS_DISPATCH(block_values, kD, n, s + r * BS, BS, vb, a.kv_row_stride, j0, j1, acc + r * kD)
+        }
+      }
     }
   }
-  for (int64_t i = 0; i < a.n_q; ++i) {
-    float* o = a.out + i * a.out_stride;
-    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
-    const float* ai = acc + i * D;
+  for (int64_t r = 0; r < R; ++r) {
+    float* o = a.out + (r / G) * a.out_stride + (r % G) * a.out_head_stride;
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    const float* ar = acc + r * D;
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) o[d] = ai[d] * inv;
+    for (int64_t d = 0; d < D; ++d) o[d] = ar[d] * inv;
   }
 }
 
@@ -143,47 +256,56 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_c
     int64_t seq, row, n_q, first_pos;
   };
   std::vector<Tile> tiles;
+  int64_t work = 0;  // query-key pairs
   for (int64_t s = 0; s < S; ++s) {
     const int64_t q_len = cu[s + 1] - cu[s], kv_len = kvl[s];
     TORCH_CHECK(q_len >= 0 && q_len <= kv_len, "paged_attention: seq ", s, " has q_len > kv_len");
     TORCH_CHECK((kv_len + BS - 1) / BS <= max_blocks, "paged_attention: seq ", s, " needs more blocks than its table");
-    for (int64_t r = 0; r < q_len; r += kTile)
-      tiles.push_back({s, cu[s] + r, std::min(kTile, q_len - r), kv_len - q_len + r});
+    for (int64_t r = 0; r < q_len; r += kTile) {
+      const int64_t n = std::min(kTile, q_len - r);
+      tiles.push_back({s, cu[s] + r, n, kv_len - q_len + r});
+      work += n * (kv_len - q_len + r + n);
+    }
   }
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float* kc = k_cache.data_ptr<float>();
   const float* vc = v_cache.data_ptr<float>();
   const int64_t q_s0 = q.stride(0), q_s1 = q.stride(1), o_s0 = out.stride(0), o_s1 = out.stride(1);
-  const int64_t n_items = static_cast<int64_t>(tiles.size()) * H;
+  const int64_t n_items = static_cast<int64_t>(tiles.size()) * KVH;
   // Small problems (short decodes) run on the calling thread: a parallel region costs more than they do.
-  int64_t work = 0;
-  for (const Tile& t : tiles) work += t.n_q * (t.first_pos + t.n_q);
-  work *= H * D;
-  const int64_t grain = work < (1 << 20) ? n_items : 1;
+  const int64_t grain = work * H * D < (1 << 18) ? n_items : 1;
   at::parallel_for(0, n_items, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(kTile * (D + 2) + BS);
+    std::vector<float> scratch(scratch_floats(kTile * group, D, BS));
     for (int64_t it = begin; it < end; ++it) {
-      const Tile& t = tiles[it / H];
-      const int64_t h = it % H;
-      TileArgs a;
-      a.q = qp + t.row * q_s0 + h * q_s1;
+      const Tile& t = tiles[it / KVH];
+      const int64_t kvh = it % KVH;
+      ItemArgs a;
+      a.q = qp + t.row * q_s0 + kvh * group * q_s1;
       a.q_stride = q_s0;
-      a.out = op + t.row * o_s0 + h * o_s1;
+      a.q_head_stride = q_s1;
+      a.out = op + t.row * o_s0 + kvh * group * o_s1;
       a.out_stride = o_s0;
+      a.out_head_stride = o_s1;
       a.n_q = t.n_q;
+      a.group = group;
       a.first_pos = t.first_pos;
-      a.k_cache = kc;
-      a.v_cache = vc;
+      a.k = kc + kvh * D;
+      a.v = vc + kvh * D;
       a.blocks = bt + t.seq * max_blocks;
       a.block_size = BS;
       a.kv_row_stride = KVH * D;
-      a.kvh_offset = (h / group) * D;
       a.D = D;
       a.scale = static_cast<float>(scale);
       a.window = sliding_window;
       a.scratch = scratch.data();
-      attend_tile(a);
+      if (D == 64) {
+        attend<64>(a);
+      } else if (D == 128) {
+        attend<128>(a);
+      } else {
+        attend<0>(a);
+      }
     }
   });
 }
