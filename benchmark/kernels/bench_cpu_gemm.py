@@ -48,19 +48,18 @@ def main() -> None:
         xs = {k: torch.randn(rows, k).to(dtype) for k in (h, i)}
         reps = max(1, min(10, 64 // rows))
 
-        def mkl():
+        def mkl(xs=xs):
             for layer in weights:
                 for w in layer:
                     F.linear(xs[w.shape[1]], w)
 
-        def onednn():
+        def onednn(xs=xs):
             for layer, lp in zip(weights, packed):
                 for w, wp in zip(layer, lp):
                     torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], wp, None, "none", [], "")
 
-        x = xs[h]
-        head_mkl = timed(lambda: F.linear(x, head), reps)
-        head_dnn = timed(lambda: torch.ops.mkldnn._linear_pointwise(x, head_packed, None, "none", [], ""), reps)
+        head_mkl = timed(lambda x=xs[h]: F.linear(x, head), reps)
+        head_dnn = timed(lambda x=xs[h]: torch.ops.mkldnn._linear_pointwise(x, head_packed, None, "none", [], ""), reps)
         print(f"| {rows} | {timed(mkl, reps):.1f} | {timed(onednn, reps):.1f} | {head_mkl:.1f} | {head_dnn:.1f} |")
 
 

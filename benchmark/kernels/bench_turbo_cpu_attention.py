@@ -1,6 +1,6 @@
 """turbo's CPU paged attention (decode) through the bindings: time per layer call.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmark/kernels/bench_turbo_cpu_attention.py
+OMP_WAIT_POLICY=PASSIVE python benchmark/kernels/bench_turbo_cpu_attention.py
 """
 
 from __future__ import annotations
