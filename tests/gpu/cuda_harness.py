@@ -20,6 +20,7 @@ SOURCES = [
     "activation.cu",
     "kv_write.cu",
     "sampling.cu",
+    "gemv.cu",
 ]
 BUILD_DIR = Path(os.environ.get("TURBO_CUDA_BUILD_DIR", "/tmp/turbo_cuda_build"))
 
@@ -67,6 +68,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("repetition_penalty",
           [](at::Tensor logits, at::Tensor ids, at::Tensor pen) { tc::repetition_penalty(logits, ids, pen); });
     m.def("logprobs", &tc::logprobs);
+    m.def("gemv", [](at::Tensor y, at::Tensor x, at::Tensor w, std::optional<at::Tensor> bias) {
+        tc::gemv(y, x, w, bias.value_or(at::Tensor()));
+    });
+    m.def("gemv_supported", &tc::gemv_supported);
 }
 """
 

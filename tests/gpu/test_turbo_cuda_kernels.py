@@ -260,7 +260,7 @@ def _rms_ref(x, w, eps):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hidden", [576, 4096, 5120])
+@pytest.mark.parametrize("hidden", [100, 576, 4096, 5120, 16384])
 def test_rms_norm(ops, dtype, hidden):
     x_full = torch.randn(33, hidden + 64, device="cuda", dtype=dtype)
     x = x_full[:, :hidden]  # strided rows
@@ -322,3 +322,28 @@ def test_silu_mul(ops, dtype, inter):
     ops.silu_mul(out, gu)
     ref = F.silu(gu[:, :inter]) * gu[:, inter:]
     torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize(("n", "k"), [(6144, 4096), (4096, 14336), (1000, 64), (33, 520)])
+def test_gemv(ops, dtype, rows, n, k):
+    """Decode GEMV against an fp32 matmul; every output written; strided x rows; with and without bias."""
+    x = torch.randn(rows, k + 8, device="cuda", dtype=dtype)[:, :k]  # rows strided by k + 8
+    w = torch.randn(n, k, device="cuda", dtype=dtype) / math.sqrt(k)
+    for bias in (None, torch.randn(n, device="cuda", dtype=dtype)):
+        y = torch.full((rows, n), float("nan"), device="cuda", dtype=dtype)
+        ops.gemv(y, x, w, bias)
+        ref = x.float() @ w.float().T + (0 if bias is None else bias.float())
+        assert not y.isnan().any()
+        err = (y.float() - ref).norm() / ref.norm()
+        assert err < {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype], err
+
+
+def test_gemv_refuses_what_it_cannot_take(ops):
+    w = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
+    assert ops.gemv_supported(torch.randn(8, 64, device="cuda", dtype=torch.bfloat16), w)
+    assert not ops.gemv_supported(torch.randn(9, 64, device="cuda", dtype=torch.bfloat16), w)  # too many rows
+    assert not ops.gemv_supported(torch.randn(1, 64, device="cuda"), w)  # dtypes differ
+    w_odd = torch.randn(64, 63, device="cuda", dtype=torch.bfloat16)
+    assert not ops.gemv_supported(torch.randn(1, 63, device="cuda", dtype=torch.bfloat16), w_odd)  # 126-byte rows

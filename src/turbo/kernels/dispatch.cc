@@ -3,6 +3,7 @@
 #include "turbo/kernels/kernels.h"
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "turbo/kernels/cpu/cpu_kernels.h"
 #ifdef TURBO_WITH_CUDA
@@ -172,6 +173,22 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_c
 #endif
   cpu::paged_attention(out, q, k_cache, v_cache, block_tables.contiguous(), cu_q_lens.contiguous(),
                        kv_lens.contiguous(), scale, sliding_window);
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear: x [T, in] and w [out, in]");
+#ifdef TURBO_WITH_CUDA
+  static const int64_t gemv_rows = [] {
+    const char* env = std::getenv("TURBO_GEMV_ROWS");
+    return env ? std::clamp<int64_t>(std::atoll(env), 0, turbo::cuda::kGemvMaxRows) : int64_t{1};
+  }();
+  if (on_cuda(x) && x.size(0) <= gemv_rows && turbo::cuda::gemv_supported(x, w)) {
+    at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
+    turbo::cuda::gemv(y, x, w, bias);
+    return y;
+  }
+#endif
+  return bias.defined() ? at::addmm(bias, x, w.t()) : at::mm(x, w.t());
 }
 
 void sample(const at::Tensor& logits, const std::vector<SampleRow>& rows, std::vector<int32_t>& tokens,

@@ -41,6 +41,10 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_c
                      const at::Tensor& block_tables, const at::Tensor& cu_q_lens, const at::Tensor& kv_lens,
                      int64_t max_query_len, double scale, int64_t sliding_window);
 
+// y [T, out] = x [T, in] w [out, in]^T (+ bias [out]). On CUDA, decode-sized inputs (T == 1 row; env
+// TURBO_GEMV_ROWS, 0..8, moves the limit) go to turbo's GEMV kernel, the rest to cuBLAS; on CPU at::mm.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias);
+
 // Sampling: one token per row of logits [n, V] (any float dtype; CPU or CUDA). Tokens and logprobs come back
 // to the host: on CUDA one small device->host copy per call.
 struct SampleRow {

@@ -34,6 +34,23 @@ kernels::RopeTables rope_tables(const WeightMap& w, const at::Tensor& embed, int
   return r;
 }
 
+// A dense layer on a GPU: kernels::linear (turbo's GEMV for decode-sized inputs, cuBLAS otherwise).
+class GpuLinear final : public Linear {
+ public:
+  GpuLinear(at::Tensor w, at::Tensor b) : w_(std::move(w)), b_(std::move(b)) {}
+  at::Tensor forward(const at::Tensor& x) const override { return kernels::linear(x, w_, b_); }
+  int64_t out_features() const override { return w_.size(0); }
+
+ private:
+  at::Tensor w_;  // [out, in]
+  at::Tensor b_;  // [out] or undefined
+};
+
+std::unique_ptr<Linear> dense(at::Tensor w, at::Tensor b = {}) {
+  if (w.device().is_cpu()) return std::make_unique<DenseLinear>(std::move(w), std::move(b));
+  return std::make_unique<GpuLinear>(std::move(w), std::move(b));
+}
+
 // Attention of one layer. On a GPU, a mixed batch's leading decode rows go to the split-K decode kernel and the
 // rest to the prefill kernel, which would give every one-query row a whole 64-query tile per query head.
 // prefill_cu: cu_q_lens of the prefill part (rows from num_decodes on), made once per step by forward().
@@ -60,7 +77,7 @@ LlamaModel::LlamaModel(const ModelConfig& cfg, const WeightMap& w) : cfg_(cfg) {
   TORCH_CHECK(e.device().is_cpu() ? e.scalar_type() == at::kFloat : at::isFloatingType(e.scalar_type()),
               "turbo: weights on CPU must be float32 (got ", e.scalar_type(), ")");
   norm_ = get(w, "norm", e);
-  lm_head_ = std::make_unique<DenseLinear>(get(w, "lm_head", e));
+  lm_head_ = dense(get(w, "lm_head", e));
   rope_ = rope_tables(w, e, cfg.head_dim);
   const int64_t qkv_out = static_cast<int64_t>(cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim;
   for (int i = 0; i < cfg.num_layers; ++i) {
@@ -70,14 +87,14 @@ LlamaModel::LlamaModel(const ModelConfig& cfg, const WeightMap& w) : cfg_(cfg) {
     l.post_norm = get(w, p + "post_norm", e);
     at::Tensor qkv = get(w, p + "qkv", e);
     TORCH_CHECK(qkv.size(0) == qkv_out && qkv.size(1) == cfg.hidden_size, "turbo: ", p, "qkv has a wrong shape");
-    l.qkv = std::make_unique<DenseLinear>(qkv, cfg.qkv_bias ? get(w, p + "qkv_bias", e) : at::Tensor());
+    l.qkv = dense(qkv, cfg.qkv_bias ? get(w, p + "qkv_bias", e) : at::Tensor());
     if (cfg.qk_norm) {
       l.q_norm = get(w, p + "q_norm", e);
       l.k_norm = get(w, p + "k_norm", e);
     }
-    l.o = std::make_unique<DenseLinear>(get(w, p + "o", e));
-    l.gate_up = std::make_unique<DenseLinear>(get(w, p + "gate_up", e));
-    l.down = std::make_unique<DenseLinear>(get(w, p + "down", e));
+    l.o = dense(get(w, p + "o", e));
+    l.gate_up = dense(get(w, p + "gate_up", e));
+    l.down = dense(get(w, p + "down", e));
     layers_.push_back(std::move(l));
   }
 }

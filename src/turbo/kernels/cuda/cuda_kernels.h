@@ -54,6 +54,18 @@ void paged_attention_prefill(at::Tensor& out, const at::Tensor& q, const at::Ten
 void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
               const at::Tensor& slot_mapping);
 
+// ---- GEMM for decode ----
+
+constexpr int64_t kGemvMaxRows = 8;
+
+// Whether gemv takes these operands: x [M <= kGemvMaxRows, K] (contiguous rows), w [N, K] contiguous, one float
+// dtype, rows 16-byte aligned.
+bool gemv_supported(const at::Tensor& x, const at::Tensor& w);
+
+// y [M, N] = x [M, K] w[N, K]^T (+ bias [N], or undefined), fp32 accumulation: one warp per output column,
+// streaming the weight (decode is bound by reading it). y: [M, N] with contiguous rows.
+void gemv(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias);
+
 // ---- elementwise / norms ----
 
 // out = weight * (x * rsqrt(mean(x^2) + eps)) in HF's rounding order; x, out [T, H] (rows may be strided).

@@ -1,5 +1,5 @@
 // RMSNorm and fused residual-add + RMSNorm. One CTA per row; fp32 statistics; HF's rounding order:
-// weight * (x * rsqrt(mean(x^2) + eps)).to(dtype).
+// weight * (x * rsqrt(mean(x^2) + eps)).to(dtype). Aligned rows take the 16-byte vector kernels.
 #include "turbo/kernels/cuda/common.cuh"
 #include "turbo/kernels/cuda/cuda_kernels.h"
 
@@ -46,6 +46,108 @@ __global__ void fused_add_rms_norm_kernel(T* __restrict__ x, int64_t x_stride, T
     }
 }
 
+// 16-byte vector variants (rows 16-byte aligned, hidden a multiple of VEC): each thread keeps NV vectors of its
+// row in registers between the statistics and the output, so x and residual are read once. Same rounding as above.
+template <typename T, int NV>
+__global__ void rms_norm_vec_kernel(T* __restrict__ out, int64_t out_stride, const T* __restrict__ x,
+                                    int64_t x_stride, const T* __restrict__ weight, int hidden, float eps) {
+    constexpr int VEC = Vec16<T>::VEC;
+    __shared__ float red[33];
+    const int nvec = hidden / VEC;
+    const uint4* xr = reinterpret_cast<const uint4*>(x + blockIdx.x * x_stride);
+    uint4* orow = reinterpret_cast<uint4*>(out + blockIdx.x * out_stride);
+    Vec16<T> v[NV];
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+        const int idx = threadIdx.x + j * blockDim.x;
+        if (idx < nvec) {
+            v[j].raw = xr[idx];
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+                const float f = to_float<T>(v[j].v[i]);
+                ss += f * f;
+            }
+        }
+    }
+    ss = block_sum(ss, red);
+    const float r = rsqrtf(ss / hidden + eps);
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+        const int idx = threadIdx.x + j * blockDim.x;
+        if (idx < nvec) {
+            Vec16<T> w, o;
+            w.raw = __ldg(reinterpret_cast<const uint4*>(weight) + idx);
+#pragma unroll
+            for (int i = 0; i < VEC; ++i)
+                o.v[i] = from_float<T>(to_float<T>(w.v[i]) * round_to<T>(to_float<T>(v[j].v[i]) * r));
+            orow[idx] = o.raw;
+        }
+    }
+}
+
+template <typename T, int NV>
+__global__ void fused_add_rms_norm_vec_kernel(T* __restrict__ x, int64_t x_stride, T* __restrict__ residual,
+                                              int64_t res_stride, const T* __restrict__ weight, int hidden,
+                                              float eps) {
+    constexpr int VEC = Vec16<T>::VEC;
+    __shared__ float red[33];
+    const int nvec = hidden / VEC;
+    uint4* xr = reinterpret_cast<uint4*>(x + blockIdx.x * x_stride);
+    uint4* rr = reinterpret_cast<uint4*>(residual + blockIdx.x * res_stride);
+    Vec16<T> v[NV];
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+        const int idx = threadIdx.x + j * blockDim.x;
+        if (idx < nvec) {
+            Vec16<T> a, b;
+            a.raw = xr[idx];
+            b.raw = rr[idx];
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+                const float f = round_to<T>(to_float<T>(a.v[i]) + to_float<T>(b.v[i]));
+                v[j].v[i] = from_float<T>(f);
+                ss += f * f;
+            }
+            rr[idx] = v[j].raw;
+        }
+    }
+    ss = block_sum(ss, red);
+    const float r = rsqrtf(ss / hidden + eps);
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+        const int idx = threadIdx.x + j * blockDim.x;
+        if (idx < nvec) {
+            Vec16<T> w, o;
+            w.raw = __ldg(reinterpret_cast<const uint4*>(weight) + idx);
+#pragma unroll
+            for (int i = 0; i < VEC; ++i)
+                o.v[i] = from_float<T>(to_float<T>(w.v[i]) * round_to<T>(to_float<T>(v[j].v[i]) * r));
+            xr[idx] = o.raw;
+        }
+    }
+}
+
+constexpr int kNormMaxThreads = 512;
+
+// Vectors per thread of the vector kernels (1, 2 or 4: rows up to 4 * 512 * VEC elements), 0 = scalar kernel.
+int norm_vectors_per_thread(const at::Tensor& a, const at::Tensor& b, const at::Tensor& w) {
+    const int64_t e = a.element_size(), hidden = a.size(1), vec = 16 / e;
+    auto ok = [&](const at::Tensor& t) {
+        return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && (t.stride(0) * e) % 16 == 0;
+    };
+    if (hidden % vec != 0 || !ok(a) || !ok(b) || reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 != 0) return 0;
+    const int64_t nv = (hidden / vec + kNormMaxThreads - 1) / kNormMaxThreads;
+    return nv <= 1 ? 1 : nv <= 2 ? 2 : nv <= 4 ? 4 : 0;
+}
+
+int vec_threads(int64_t hidden, int64_t elem_size, int nv) {
+    const int64_t nvec = hidden / (16 / elem_size);
+    const int64_t t = ((nvec + nv - 1) / nv + 31) / 32 * 32;
+    return static_cast<int>(std::max<int64_t>(32, t));
+}
+
 int norm_threads(int hidden) {
     int t = ((hidden / 4 + 31) / 32) * 32;
     return t < 64 ? 64 : (t > 1024 ? 1024 : t);
@@ -71,6 +173,20 @@ void rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, do
     const int rows = static_cast<int>(x.size(0)), hidden = static_cast<int>(x.size(1));
     if (rows == 0) return;
     const c10::cuda::CUDAGuard guard(x.device());
+    const int nv = norm_vectors_per_thread(x, out, weight);
+    if (nv > 0) {
+        const int threads = vec_threads(hidden, x.element_size(), nv);
+        TURBO_DISPATCH_FLOAT_TYPES(x.scalar_type(), "rms_norm", [&] {
+            auto kernel = nv == 1 ? rms_norm_vec_kernel<scalar_t, 1>
+                                  : nv == 2 ? rms_norm_vec_kernel<scalar_t, 2> : rms_norm_vec_kernel<scalar_t, 4>;
+            kernel<<<rows, threads, 0, current_stream()>>>(
+                reinterpret_cast<scalar_t*>(out.data_ptr()), out.stride(0),
+                reinterpret_cast<const scalar_t*>(x.data_ptr()), x.stride(0),
+                reinterpret_cast<const scalar_t*>(weight.data_ptr()), hidden, static_cast<float>(eps));
+        });
+        TURBO_CHECK_LAUNCH();
+        return;
+    }
     TURBO_DISPATCH_FLOAT_TYPES(x.scalar_type(), "rms_norm", [&] {
         rms_norm_kernel<scalar_t><<<rows, norm_threads(hidden), 0, current_stream()>>>(
             reinterpret_cast<scalar_t*>(out.data_ptr()), out.stride(0),
@@ -92,6 +208,21 @@ void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& w
     const int rows = static_cast<int>(x.size(0)), hidden = static_cast<int>(x.size(1));
     if (rows == 0) return;
     const c10::cuda::CUDAGuard guard(x.device());
+    const int nv = norm_vectors_per_thread(x, residual, weight);
+    if (nv > 0) {
+        const int threads = vec_threads(hidden, x.element_size(), nv);
+        TURBO_DISPATCH_FLOAT_TYPES(x.scalar_type(), "fused_add_rms_norm", [&] {
+            auto kernel = nv == 1   ? fused_add_rms_norm_vec_kernel<scalar_t, 1>
+                          : nv == 2 ? fused_add_rms_norm_vec_kernel<scalar_t, 2>
+                                    : fused_add_rms_norm_vec_kernel<scalar_t, 4>;
+            kernel<<<rows, threads, 0, current_stream()>>>(
+                reinterpret_cast<scalar_t*>(x.data_ptr()), x.stride(0),
+                reinterpret_cast<scalar_t*>(residual.data_ptr()), residual.stride(0),
+                reinterpret_cast<const scalar_t*>(weight.data_ptr()), hidden, static_cast<float>(eps));
+        });
+        TURBO_CHECK_LAUNCH();
+        return;
+    }
     TURBO_DISPATCH_FLOAT_TYPES(x.scalar_type(), "fused_add_rms_norm", [&] {
         fused_add_rms_norm_kernel<scalar_t><<<rows, norm_threads(hidden), 0, current_stream()>>>(
             reinterpret_cast<scalar_t*>(x.data_ptr()), x.stride(0), reinterpret_cast<scalar_t*>(residual.data_ptr()),
