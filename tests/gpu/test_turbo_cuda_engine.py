@@ -17,7 +17,7 @@ import torch
 from tiny_models import tiny_config
 
 from lmkit import _turbo
-from lmkit.frontend.protocol import EngineRequest, SamplingParams
+from lmkit.frontend.protocol import EngineRequest, FinishReason, SamplingParams
 from lmkit.messages import TurboEngineConfig
 from lmkit.model.loader import load_model
 from lmkit.turbo.engine import TurboEngine
@@ -340,3 +340,50 @@ def test_engine_cuda_graphs_match_eager(gpu_model_dir, monkeypatch):
         assert with_graphs[rid][0] == eager[rid][0], rid
         for a, b in zip(with_graphs[rid][1], eager[rid][1]):
             assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4
+
+
+def test_engine_pipelined_decode_matches_unpipelined(gpu_model_dir, monkeypatch):
+    """Pipelined decode (the default with CUDA graphs: step N+1 launched before step N's tokens are read) and
+    TURBO_PIPELINE=0 give the same tokens and finish reasons: stop tokens hit mid-stream, length limits at
+    different steps; an abort mid-stream ends only its request."""
+    path = gpu_model_dir("llama")
+    cfg = TurboEngineConfig(device="cuda", dtype="float32", num_blocks=256, cache_block_seq_len=BLOCK, session_len=512)
+    seqs = prompts(tiny_config("llama").vocab_size, lens=(5, 19, 40, 71, 3, 12))
+
+    def run(pipeline: str, reqs, abort: str | None = None) -> dict[str, tuple[list[int], object]]:
+        monkeypatch.setenv("TURBO_PIPELINE", pipeline)
+        engine = TurboEngine(path, cfg)
+        try:
+            for i, (p, sp) in enumerate(reqs):
+                engine.add_request(EngineRequest(f"r{i}", p, sp))
+            got = {f"r{i}": ([], None) for i in range(len(reqs))}
+            done, deadline = set(), time.monotonic() + 120
+            while len(done) < len(reqs) and time.monotonic() < deadline:
+                for o in engine.get_outputs(timeout=1.0):
+                    assert o.error is None, o.error
+                    got[o.request_id] = (got[o.request_id][0] + o.new_token_ids, o.finish_reason)
+                    if o.finished:
+                        done.add(o.request_id)
+                if abort and len(got[abort][0]) >= 3:
+                    engine.abort_request(abort)
+                    abort = None
+            assert len(done) == len(reqs)
+            return got
+        finally:
+            engine.shutdown()
+
+    plain = [
+        (p, SamplingParams(max_new_tokens=20 + 7 * i, temperature=0.0, ignore_eos=True)) for i, p in enumerate(seqs)
+    ]
+    ref = run("0", plain)
+    assert ref == run("1", plain)
+    stops = []
+    for i, (p, sp) in enumerate(plain):  # odd requests stop on the token they generate 7th
+        ids = [ref[f"r{i}"][0][6]] if i % 2 else []
+        stops.append((p, SamplingParams(max_new_tokens=sp.max_new_tokens, temperature=0.0, stop_token_ids=ids)))
+    want = run("0", stops)
+    assert any(reason == FinishReason.STOP for _, reason in want.values())
+    assert run("1", stops) == want
+    aborted = run("1", plain, abort="r5")
+    assert aborted.pop("r5")[1] == FinishReason.ABORT
+    assert aborted == {k: v for k, v in ref.items() if k != "r5"}

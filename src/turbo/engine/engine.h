@@ -68,10 +68,23 @@ class Engine {
     std::string request_id;
   };
 
+  // A launched step: its batch, the batch index of each sampling row, and (pipelined steps) tokens on their way.
+  struct Launched {
+    ScheduledBatch batch;
+    std::vector<int> sample_seq;
+    kernels::TokenFuture tokens;
+  };
+
   void loop();
   bool admit(bool block);  // apply queued commands; false once stop is requested
   void step();
-  at::Tensor forward(const ForwardBatch& host_batch);  // a CUDA graph where one fits, else the eager forward
+  bool chain();                                 // pipelined decode: launch the next step, then finish pending_
+  void complete(std::vector<Output>& outputs);  // wait for pending_'s tokens and finish it
+  bool can_pipeline(const Launched& launched, const ForwardBatch& host_batch) const;
+  void finish(Launched& launched, const std::vector<int32_t>& tokens, std::vector<TokenLogprob>& logprobs,
+              std::vector<Output>& outputs, const std::vector<Sequence*>& skip = {});
+  // A CUDA graph where one fits, else the eager forward; device_tokens (optional) replace the batch's token ids.
+  at::Tensor forward(const ForwardBatch& host_batch, const at::Tensor& device_tokens = {});
   void emit(std::vector<Output>& outputs);
   Output make_output(Sequence& seq, FinishReason reason, const std::string& error = "");
   void end(Sequence* seq, FinishReason reason, std::vector<Output>& outputs, const std::string& error = "");
@@ -102,6 +115,8 @@ class Engine {
 #ifdef TURBO_WITH_CUDA
   std::unique_ptr<cuda::DecodeGraphs> graphs_;  // null on CPU or with CUDA graphs off
 #endif
+  bool pipeline_ = false;              // overlap decode steps (GPU with graphs; env TURBO_PIPELINE=0 turns it off)
+  std::unique_ptr<Launched> pending_;  // a pipelined step whose tokens are not read yet
   std::unordered_map<std::string, std::unique_ptr<Sequence>> live_;
   int64_t arrivals_ = 0;
   EngineStats counters_;

@@ -2,6 +2,9 @@
 // CUDA tensors to the turbo::cuda launchers (float32, float16, bfloat16) when built with TURBO_WITH_CUDA.
 #include "turbo/kernels/kernels.h"
 
+#include <c10/core/Event.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+
 #include <algorithm>
 #include <cstdlib>
 
@@ -201,6 +204,29 @@ void sample(const at::Tensor& logits, const std::vector<SampleRow>& rows, std::v
   on_cuda(logits);
 #endif
   cpu::sample(logits.to(at::kFloat).contiguous(), rows, tokens, logprobs);
+}
+
+TokenFuture argmax_async(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2, "argmax_async: logits must be [n, V]");
+  TokenFuture f;
+  f.device = logits.argmax(1);
+  if (logits.device().is_cpu()) {
+    f.host = f.device;
+    return f;
+  }
+  f.host = at::empty(f.device.sizes(), f.device.options().device(at::kCPU).pinned_memory(true));
+  f.host.copy_(f.device, /*non_blocking=*/true);
+  const c10::impl::VirtualGuardImpl impl(logits.device().type());
+  auto event = std::make_shared<c10::Event>(logits.device().type());
+  event->record(impl.getStream(logits.device()));
+  f.ready = event;
+  return f;
+}
+
+std::vector<int32_t> wait(const TokenFuture& tokens) {
+  if (tokens.ready) static_cast<c10::Event*>(tokens.ready.get())->synchronize();
+  const int64_t* h = tokens.host.data_ptr<int64_t>();
+  return std::vector<int32_t>(h, h + tokens.host.numel());
 }
 
 }  // namespace turbo::kernels

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "turbo/engine/sequence.h"
@@ -56,5 +57,16 @@ struct SampleRow {
 };
 void sample(const at::Tensor& logits, const std::vector<SampleRow>& rows, std::vector<int32_t>& tokens,
             std::vector<TokenLogprob>& logprobs);
+
+// Greedy tokens that are still on their way: the argmax of each row on the logits' device (int64 [n], to feed
+// the next step without a round trip) and its copy to pinned host memory, awaited by wait(). On CPU both are
+// ready at once.
+struct TokenFuture {
+  at::Tensor device;  // int64 [n]
+  at::Tensor host;    // int64 [n], pinned on a GPU
+  std::shared_ptr<void> ready;  // the copy's completion event (GPU only)
+};
+TokenFuture argmax_async(const at::Tensor& logits);
+std::vector<int32_t> wait(const TokenFuture& tokens);
 
 }  // namespace turbo::kernels

@@ -113,6 +113,11 @@ int64_t DecodeGraphs::bucket(int64_t num_seqs) const {
   return it == impl_->buckets.end() ? -1 : *it;
 }
 
+void DecodeGraphs::capture_all() {
+  for (auto it = impl_->buckets.rbegin(); it != impl_->buckets.rend(); ++it)
+    if (!impl_->graphs.count(*it)) impl_->capture(*it);
+}
+
 int64_t DecodeGraphs::num_graphs() const { return static_cast<int64_t>(impl_->graphs.size()); }
 
 bool DecodeGraphs::accepts(const ForwardBatch& batch) const {
@@ -121,7 +126,7 @@ bool DecodeGraphs::accepts(const ForwardBatch& batch) const {
          batch.sample_rows.size(0) == S && batch.block_tables.size(1) <= impl_->width;
 }
 
-at::Tensor DecodeGraphs::run(const ForwardBatch& batch) {
+at::Tensor DecodeGraphs::run(const ForwardBatch& batch, const at::Tensor& device_token_ids) {
   TORCH_CHECK(accepts(batch), "DecodeGraphs: not a decode batch this object can replay");
   const int64_t S = batch.token_ids.size(0), B = bucket(S);
   auto it = impl_->graphs.find(B);
@@ -130,6 +135,7 @@ at::Tensor DecodeGraphs::run(const ForwardBatch& batch) {
     it = impl_->graphs.find(B);
   }
   impl_->load(batch, B);
+  if (device_token_ids.defined()) impl_->idx.narrow(0, 0, S).copy_(device_token_ids.view({S}));
   it->second->replay();
   return impl_->logits.narrow(0, 0, S);
 }

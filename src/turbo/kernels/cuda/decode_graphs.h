@@ -34,8 +34,11 @@ class DecodeGraphs {
   // Whether `batch` can replay a graph: decode-only, every row sampled, at most max_num_seqs rows and W blocks.
   bool accepts(const ForwardBatch& batch) const;
   // Logits [S, vocab] of the batch (its tensors on the host, pinned for asynchronous copies, or on the device),
-  // captured on first use of its bucket. The result is a view that the next run overwrites.
-  at::Tensor run(const ForwardBatch& batch);
+  // captured on first use of its bucket. The result is a view that the next run overwrites. device_token_ids
+  // (int64 [S] on the device, optional) replace the batch's token ids: the previous step's tokens, never read back.
+  at::Tensor run(const ForwardBatch& batch, const at::Tensor& device_token_ids = {});
+  // Captures every bucket's graph now, largest first (smaller ones then reuse its pool memory).
+  void capture_all();
   int64_t num_graphs() const;
   int64_t bucket(int64_t num_seqs) const;
 
