@@ -110,6 +110,8 @@ def make_engine(backend: str, model_path, args):
         session_len=max(i + o for i, o in args.io) + 8,
         load_format=args.load_format,
     )
+    if getattr(args, "max_num_batched_tokens", None):  # the step's token budget (profile_throughput's flag)
+        common["max_num_batched_tokens"] = args.max_num_batched_tokens
     if backend == "turbo":
         cfg = TurboEngineConfig(**common, cache_max_entry_count=args.cache_max_entry_count)
     else:
