@@ -30,26 +30,39 @@ Engine::Engine(const EngineConfig& config, const ModelConfig& model_config, cons
   print_kv_pool();
   bm_ = std::make_unique<BlockManager>(config.num_blocks, config.block_size, config.enable_prefix_caching);
   scheduler_ = std::make_unique<Scheduler>(bm_.get(), config.max_num_seqs, config.max_num_batched_tokens);
-#ifdef TURBO_WITH_CUDA
-  const char* graphs_env = std::getenv("TURBO_CUDA_GRAPHS");
-  if (model_->options().device().is_cuda() && config.cuda_graphs && !(graphs_env && std::string(graphs_env) == "0")) {
-    const int64_t max_blocks = std::min<int64_t>(config.num_blocks, bm_->blocks_needed(config.session_len));
-    graphs_ = std::make_unique<cuda::DecodeGraphs>(*model_, kv_, config.max_num_seqs, max_blocks);
-    const auto t0 = std::chrono::steady_clock::now();
-    c10::InferenceMode inference;
-    graphs_->capture_all();  // at start-up rather than on a bucket's first step
-    std::fprintf(stderr, "[turbo] %lld decode CUDA graphs captured in %.1f s\n",
-                 static_cast<long long>(graphs_->num_graphs()),
-                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    const char* pipeline_env = std::getenv("TURBO_PIPELINE");
-    pipeline_ = !(pipeline_env && std::string(pipeline_env) == "0");
-  }
-#endif
+  setup_cuda_graphs();
   stats_.num_blocks_total = stats_.num_blocks_free = config.num_blocks;
   thread_ = std::thread([this] { loop(); });
 }
 
 Engine::~Engine() { shutdown(); }
+
+// GPU models: decode CUDA graphs for every batch bucket, captured now, and pipelined decode on top of them.
+// A capture that fails (e.g. out of memory) leaves the engine eager, with a warning.
+void Engine::setup_cuda_graphs() {
+#ifdef TURBO_WITH_CUDA
+  auto env_off = [](const char* name) {
+    const char* v = std::getenv(name);
+    return v && std::string(v) == "0";
+  };
+  if (!model_->options().device().is_cuda() || !config_.cuda_graphs || env_off("TURBO_CUDA_GRAPHS")) return;
+  const int64_t max_blocks = std::min<int64_t>(config_.num_blocks, bm_->blocks_needed(config_.session_len));
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    c10::InferenceMode inference;
+    graphs_ = std::make_unique<cuda::DecodeGraphs>(*model_, kv_, config_.max_num_seqs, max_blocks);
+    graphs_->capture_all();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "[turbo] CUDA graphs off (capture failed: %s)\n", e.what());
+    graphs_.reset();
+    return;
+  }
+  std::fprintf(stderr, "[turbo] %lld decode CUDA graphs captured in %.1f s\n",
+               static_cast<long long>(graphs_->num_graphs()),
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  pipeline_ = !env_off("TURBO_PIPELINE");
+#endif
+}
 
 void Engine::add_request(const std::string& request_id, std::vector<int32_t> prompt, SamplingParams sampling) {
   const int64_t n = static_cast<int64_t>(prompt.size());

@@ -75,6 +75,7 @@ class Engine {
     kernels::TokenFuture tokens;
   };
 
+  void setup_cuda_graphs();
   void loop();
   bool admit(bool block);  // apply queued commands; false once stop is requested
   void step();
