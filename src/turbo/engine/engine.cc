@@ -18,6 +18,24 @@
 
 namespace turbo {
 
+// TURBO_PROFILE=1: every 32 steps, the mean wall time of a step and how many of them were pipelined.
+struct StepProfile {
+  bool on = std::getenv("TURBO_PROFILE") != nullptr;
+  double total = 0;
+  int n = 0, pipelined = 0;
+  void add(std::chrono::steady_clock::time_point t0, bool chained, size_t batch) {
+    if (!on) return;
+    total += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    pipelined += chained;
+    if (++n == 32) {
+      std::fprintf(stderr, "[turbo] per step: %.2f ms, %d of 32 pipelined (batch %zu)\n", 1e3 * total / n, pipelined,
+                   batch);
+      total = 0;
+      n = pipelined = 0;
+    }
+  }
+};
+
 Engine::Engine(const EngineConfig& config, const ModelConfig& model_config, const WeightMap& weights)
     : config_(config), model_config_(model_config) {
   if (config.num_blocks < 1 || config.block_size < 1) throw std::invalid_argument("num_blocks, block_size >= 1");
@@ -30,6 +48,7 @@ Engine::Engine(const EngineConfig& config, const ModelConfig& model_config, cons
   print_kv_pool();
   bm_ = std::make_unique<BlockManager>(config.num_blocks, config.block_size, config.enable_prefix_caching);
   scheduler_ = std::make_unique<Scheduler>(bm_.get(), config.max_num_seqs, config.max_num_batched_tokens);
+  profile_ = std::make_unique<StepProfile>();
   setup_cuda_graphs();
   stats_.num_blocks_total = stats_.num_blocks_free = config.num_blocks;
   thread_ = std::thread([this] { loop(); });
@@ -219,24 +238,6 @@ bool Engine::admit(bool block) {
 
 namespace {
 
-// TURBO_PROFILE=1: every 32 steps, the mean wall time of a step and how many of them were pipelined.
-struct StepProfile {
-  bool on = std::getenv("TURBO_PROFILE") != nullptr;
-  double total = 0;
-  int n = 0, pipelined = 0;
-  void add(std::chrono::steady_clock::time_point t0, bool chained, size_t batch) {
-    if (!on) return;
-    total += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    pipelined += chained;
-    if (++n == 32) {
-      std::fprintf(stderr, "[turbo] per step: %.2f ms, %d of 32 pipelined (batch %zu)\n", 1e3 * total / n, pipelined,
-                   batch);
-      total = 0;
-      n = pipelined = 0;
-    }
-  }
-};
-
 bool is_stop(const Sequence& seq, int32_t token) {
   const auto& stops = seq.sampling.stop_token_ids;
   return !seq.sampling.ignore_eos && std::find(stops.begin(), stops.end(), token) != stops.end();
@@ -245,7 +246,7 @@ bool is_stop(const Sequence& seq, int32_t token) {
 }  // namespace
 
 void Engine::step() {
-  static StepProfile profile;
+  StepProfile& profile = *profile_;
   const auto t0 = std::chrono::steady_clock::now();
   if (pending_ && chain()) {
     profile.add(t0, true, scheduler_->num_running());

@@ -23,6 +23,7 @@ namespace turbo {
 namespace cuda {
 class DecodeGraphs;
 }
+struct StepProfile;
 
 struct EngineConfig {
   int max_num_seqs = 128;
@@ -118,6 +119,7 @@ class Engine {
 #endif
   bool pipeline_ = false;              // overlap decode steps (GPU with graphs; env TURBO_PIPELINE=0 turns it off)
   std::unique_ptr<Launched> pending_;  // a pipelined step whose tokens are not read yet
+  std::unique_ptr<StepProfile> profile_;  // TURBO_PROFILE=1 step timing
   std::unordered_map<std::string, std::unique_ptr<Sequence>> live_;
   int64_t arrivals_ = 0;
   EngineStats counters_;
