@@ -46,7 +46,7 @@ const OneDnnOps& onednn_ops() {
 }  // namespace
 
 DenseLinear::DenseLinear(at::Tensor weight, at::Tensor bias)
-    : w_(std::move(weight)), b_(std::move(bias)), out_features_(w_.size(0)) {
+    : w_(std::move(weight)), b_(std::move(bias)) {
   const OneDnnOps& ops = onednn_ops();
   if (w_.device().is_cpu() && w_.scalar_type() == at::kFloat && ops.pack) {
     w_ = ops.pack->call(w_.contiguous(), kPackRowsHint);
@@ -58,7 +58,7 @@ at::Tensor DenseLinear::forward(const at::Tensor& x) const {
   if (!packed_) return b_.defined() ? at::addmm(b_, x, w_.t()) : at::mm(x, w_.t());
   const int64_t rows = x.size(0);
   if (rows > kMaxRows) {
-    at::Tensor y = at::empty({rows, out_features_}, x.options());
+    at::Tensor y = at::empty({rows, w_.size(0)}, x.options());
     for (int64_t i = 0; i < rows; i += kMaxRows) {
       const int64_t n = std::min(kMaxRows, rows - i);
       y.narrow(0, i, n).copy_(forward(x.narrow(0, i, n)));

@@ -24,12 +24,11 @@ class DenseLinear final : public Linear {
  public:
   DenseLinear(at::Tensor weight, at::Tensor bias = {});
   at::Tensor forward(const at::Tensor& x) const override;
-  int64_t out_features() const override { return out_features_; }
+  int64_t out_features() const override { return w_.size(0); }
 
  private:
-  at::Tensor w_;  // [out, in]; on CPU with oneDNN, the packed (opaque) layout
+  at::Tensor w_;  // [out, in]; on CPU with oneDNN, packed (an opaque layout with the same sizes)
   at::Tensor b_;  // [out] or undefined
-  int64_t out_features_;
   bool packed_ = false;
 };
 

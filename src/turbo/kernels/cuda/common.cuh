@@ -145,5 +145,22 @@ inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream();
 
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
+// Host-side checks shared by the paged attention launchers (decode and prefill): q/out [rows, heads, head_dim]
+// with contiguous head rows, caches [blocks, block_size, kv_heads, head_dim], one dtype, head_dim 64 or 128.
+inline void check_paged_attention_args(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
+                                       const at::Tensor& v_cache) {
+    TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out must be [rows, num_heads, head_dim]");
+    TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "head rows of q and out must be contiguous");
+    TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "caches must be [blocks, bs, Hkv, D]");
+    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+    TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.scalar_type() == k_cache.scalar_type() &&
+                    out.scalar_type() == q.scalar_type(),
+                "q, out and the caches must share a dtype");
+    const int64_t head_dim = q.size(2);
+    TORCH_CHECK(head_dim == 64 || head_dim == 128, "head_dim must be 64 or 128, got ", head_dim);
+    TORCH_CHECK(k_cache.size(3) == head_dim, "cache head_dim must match q");
+    TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
+}
+
 }  // namespace cuda
 }  // namespace turbo

@@ -159,17 +159,22 @@ void check_rows(const at::Tensor& t, const char* name) {
     TORCH_CHECK(t.stride(1) == 1, name, " rows must be contiguous");
 }
 
+// x and `other` (out or residual): CUDA [T, H] with contiguous rows and one shape; weight [H]; one dtype.
+void check_norm_args(const at::Tensor& x, const at::Tensor& other, const char* other_name, const at::Tensor& weight) {
+    check_rows(x, "x");
+    check_rows(other, other_name);
+    TURBO_CHECK_CUDA_TENSOR(weight);
+    TURBO_CHECK_CONTIGUOUS(weight);
+    TORCH_CHECK(other.sizes() == x.sizes(), other_name, " must have x's shape");
+    TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1), "weight must be [H]");
+    TORCH_CHECK(other.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type(), "x, ",
+                other_name, " and weight must share a dtype");
+}
+
 }  // namespace
 
 void rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps) {
-    check_rows(x, "x");
-    check_rows(out, "out");
-    TURBO_CHECK_CUDA_TENSOR(weight);
-    TURBO_CHECK_CONTIGUOUS(weight);
-    TORCH_CHECK(out.sizes() == x.sizes(), "out must have x's shape");
-    TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1), "weight must be [H]");
-    TORCH_CHECK(out.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type(),
-                "x, out and weight must share a dtype");
+    check_norm_args(x, out, "out", weight);
     const int rows = static_cast<int>(x.size(0)), hidden = static_cast<int>(x.size(1));
     if (rows == 0) return;
     const c10::cuda::CUDAGuard guard(x.device());
@@ -197,14 +202,7 @@ void rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, do
 }
 
 void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
-    check_rows(x, "x");
-    check_rows(residual, "residual");
-    TURBO_CHECK_CUDA_TENSOR(weight);
-    TURBO_CHECK_CONTIGUOUS(weight);
-    TORCH_CHECK(residual.sizes() == x.sizes(), "residual must have x's shape");
-    TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1), "weight must be [H]");
-    TORCH_CHECK(residual.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type(),
-                "x, residual and weight must share a dtype");
+    check_norm_args(x, residual, "residual", weight);
     const int rows = static_cast<int>(x.size(0)), hidden = static_cast<int>(x.size(1));
     if (rows == 0) return;
     const c10::cuda::CUDAGuard guard(x.device());

@@ -262,17 +262,8 @@ void paged_attention_prefill(at::Tensor& out, const at::Tensor& q, const at::Ten
          std::initializer_list<const at::Tensor*>{&out, &q, &k_cache, &v_cache, &block_tables, &cu_seqlens_q,
                                                   &context_lens})
         TURBO_CHECK_CUDA_TENSOR(*t);
-    TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out must be [num_tokens, num_heads, head_dim]");
-    TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "head rows of q and out must be contiguous");
-    TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "caches must be [blocks, bs, Hkv, D]");
-    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
-    TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.scalar_type() == k_cache.scalar_type() &&
-                    out.scalar_type() == q.scalar_type(),
-                "q, out and the caches must share a dtype");
+    check_paged_attention_args(out, q, k_cache, v_cache);
     const int64_t head_dim = q.size(2);
-    TORCH_CHECK(head_dim == 64 || head_dim == 128, "head_dim must be 64 or 128, got ", head_dim);
-    TORCH_CHECK(k_cache.size(3) == head_dim, "cache head_dim must match q");
-    TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "num_heads must be a multiple of num_kv_heads");
     TURBO_CHECK_DTYPE(block_tables, at::kInt);
     TURBO_CHECK_DTYPE(cu_seqlens_q, at::kInt);
     TURBO_CHECK_DTYPE(context_lens, at::kInt);
