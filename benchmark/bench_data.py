@@ -82,6 +82,27 @@ def load_tokenized(path: str, num: int | None = None) -> list[BenchRequest]:
     return [BenchRequest(r["prompt_ids"], len(r["prompt_ids"]), r["output_len"]) for r in rows]
 
 
+def write_dummy_model(config_dir: str, out_dir: str) -> None:
+    """A servable model folder for random-weight runs (`--load-format dummy`): `config_dir`'s config.json plus a
+    word-level tokenizer with one word per id of the config's vocabulary ("t0 t1 ..."), so every generated id
+    decodes to text (the real tokenizer of a benchmark shape such as Llama-3 is not available offline here)."""
+    import shutil
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(Path(config_dir) / "config.json", out / "config.json")
+    with open(out / "config.json") as f:
+        vocab_size = json.load(f)["vocab_size"]
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(out / "tokenizer.json"))
+    with open(out / "tokenizer_config.json", "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "t0"}, f)
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -91,7 +112,16 @@ if __name__ == "__main__":
     p.add_argument("--num", type=int, default=1000)
     p.add_argument("--out", required=True)
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the default model's)")
+    p.add_argument(
+        "--dummy-model",
+        metavar="CONFIG_DIR",
+        default=None,
+        help="instead: write a servable random-weight model folder (CONFIG_DIR's config + a word tokenizer) to --out",
+    )
     a = p.parse_args()
+    if a.dummy_model:
+        write_dummy_model(a.dummy_model, a.out)
+        raise SystemExit(0)
     if a.tokenizer is None:
         from lmkit.model.loader import resolve_model_path
 

@@ -4,6 +4,9 @@ Reports TTFT, inter-token latency (ITL) and end-to-end latency p50/p90/p99 and o
 
     lmkit serve api_server MODEL --server-port 23333 &
     python benchmark/profile_restful_api.py --url http://127.0.0.1:23333 --request-rate 16 --num-prompts 500
+
+With --dataset-file (token ids + output lengths written by `bench_data.py`, for machines without the
+dataset package or for a model without its real tokenizer), prompts are sent as token ids.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass, field
 import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_data import sample_sharegpt  # noqa: E402
+from bench_data import load_tokenized, sample_sharegpt  # noqa: E402
 
 
 @dataclass
@@ -34,7 +37,9 @@ class Result:
     error: str = ""
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> Result:
+async def one_request(
+    client: httpx.AsyncClient, url: str, model: str, prompt: str | list[int], max_tokens: int
+) -> Result:
     body = {
         "model": model,
         "prompt": prompt,
@@ -78,14 +83,19 @@ def _pct(xs: list[float], q: float) -> float:
 async def run(args) -> None:
     from transformers import AutoTokenizer
 
-    async with httpx.AsyncClient(timeout=None) as client:
+    # No connection cap: httpx's default of 100 would queue requests in the client and count that as TTFT.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
         model = args.model or (await client.get(f"{args.url}/v1/models")).json()["data"][0]["id"]
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else None
-        if tokenizer is None:
-            from lmkit.model.loader import resolve_model_path
+        if args.dataset_file:
+            reqs = load_tokenized(args.dataset_file, args.num_prompts)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else None
+            if tokenizer is None:
+                from lmkit.model.loader import resolve_model_path
 
-            tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(None)))
-        reqs = sample_sharegpt(tokenizer, args.num_prompts, max_len=args.max_len)
+                tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(None)))
+            reqs = sample_sharegpt(tokenizer, args.num_prompts, max_len=args.max_len)
         rng = random.Random(args.seed)
         tasks, t0 = [], time.perf_counter()
         for r in reqs:
@@ -103,6 +113,8 @@ async def run(args) -> None:
     print(f"requests: {len(ok)} ok, {len(errors)} failed, {elapsed:.1f} s, rate {args.request_rate}/s")
     if errors:
         print("first error:", errors[0])
+    in_tokens = sum(r.prompt_len for r in reqs)
+    print(f"prompts: {in_tokens} tokens in, {sum(r.output_len for r in reqs)} tokens out requested")
     print(f"output throughput: {out_tokens / elapsed:.1f} tok/s, {len(ok) / elapsed:.2f} req/s")
     print("| metric (ms) | p50 | p90 | p99 |\n|---|---:|---:|---:|")
     for name, xs in (("TTFT", ttft), ("ITL", itl), ("end-to-end", e2e)):
@@ -115,6 +127,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", default=None, help="served model name (default: the first of /v1/models)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder for output lengths (default model's)")
     p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--dataset-file", default=None, help="tokenized requests (bench_data.py); prompts go as ids")
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf = all at once")
     p.add_argument("--max-len", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
