@@ -229,6 +229,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tp", type=int, default=1)
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="auto")
+    g.add_argument(
+        "--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights in the model's shapes"
+    )
 
 
 def backend_config(args: argparse.Namespace):
@@ -242,6 +245,7 @@ def backend_config(args: argparse.Namespace):
         tp=args.tp,
         device=args.device,
         dtype=args.dtype,
+        load_format=getattr(args, "load_format", "auto"),
     )
     if args.backend == "pytorch":
         cfg = PytorchEngineConfig(**common)
