@@ -2,9 +2,11 @@
 
 A decode-only step of n sequences replays the graph of the smallest bucket >= n. Padding rows write to
 slot -1 (skipped by write_kv) and attend over one token of block 0; their logits are never read.
-Static buffers (bucket rows, filled each step):
+Static buffers (bucket rows, filled each step by three host-to-device copies):
 
-    input_ids, positions, slot_mapping [B]   block_tables [B, max_blocks] int32   context_lens [B] int32
+    ids_pos_slots [3, B] int64 = input_ids, positions, slot_mapping
+    block_tables [B, max_blocks] int32 (only the batch's widest table is copied: columns past a row's
+    blocks are never read)   context_lens [B] int32
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ class DecodeGraphs:
         self.buckets = [b for b in _BUCKETS if b < max_batch_size] + [max_batch_size]
         dev = model.device
         n = self.buckets[-1]
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
-        self.slots = torch.full((n,), -1, dtype=torch.long, device=dev)
+        self.ids_pos_slots = torch.zeros(3, n, dtype=torch.long, device=dev)
+        self.input_ids, self.positions, self.slots = self.ids_pos_slots.unbind(0)
+        self.slots.fill_(-1)
         self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=dev)
         self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.rows = torch.arange(n, dtype=torch.long, device=dev)
@@ -76,15 +78,12 @@ class DecodeGraphs:
         """Run a decode step of len(lens) sequences; returns logits [bucket, vocab] (rows beyond n are padding)."""
         n = len(lens)
         b = next(x for x in self.buckets if x >= n)
-        mb = self.max_blocks
-        flat = [0] * (b * mb)
-        for i, t in enumerate(tables):
-            flat[i * mb : i * mb + len(t)] = t
-        self.block_tables[:b].copy_(torch.tensor(flat, dtype=torch.int32).view(b, mb), non_blocking=True)
         pad = b - n
-        self.input_ids[:b].copy_(torch.tensor(input_ids + [0] * pad), non_blocking=True)
-        self.positions[:b].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
-        self.slots[:b].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
+        width = max(len(t) for t in tables)
+        rows = [t + [0] * (width - len(t)) for t in tables] + [[0] * width] * pad
+        ints = [input_ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad]
+        self.ids_pos_slots[:, :b].copy_(torch.tensor(ints), non_blocking=True)
+        self.block_tables[:b, :width].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
         self.context_lens[:b].copy_(torch.tensor(lens + [1] * pad, dtype=torch.int32), non_blocking=True)
         if b not in self.graphs:
             self._capture(b)

@@ -7,6 +7,7 @@ prefill chunks together) and returns logits only for the rows that sample.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,16 @@ from lmkit.pytorch_engine.models.rope import apply_rope, rope_tables
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # The same op order as HF's LlamaRMSNorm, so logits match it bit for bit where the GEMMs do.
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rope_at(positions: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor):
+    cos, sin_signed = cos[positions].unsqueeze(1), sin_signed[positions].unsqueeze(1)
+    return lambda qk: apply_rope(qk, cos, sin_signed)
 
 
 @dataclass(slots=True)
@@ -51,6 +62,7 @@ class LlamaForCausalLM:
         cos, sin = rope_tables(spec, spec.max_position_embeddings)
         self.rope_cos, self.rope_sin = cos.to(device, dtype), sin.to(device, dtype)
         self.scale = spec.head_dim**-0.5
+        self.ops = DecoderOps.for_device(device, dtype)
 
     def _layer(self, w, p: str) -> LayerWeights:
         spec = self.spec
@@ -81,19 +93,17 @@ class LlamaForCausalLM:
         logits_indices: torch.Tensor,
     ) -> torch.Tensor:
         """input_ids, positions [T] -> logits [len(logits_indices), vocab] of the rows that sample."""
-        spec = self.spec
-        eps = spec.rms_norm_eps
-        cos = self.rope_cos[positions].unsqueeze(1)
-        sin = self.rope_sin[positions].unsqueeze(1)
+        eps = self.spec.rms_norm_eps
+        norm, ops = self.ops.rms_norm, self.ops
+        rope = ops.rope_at(positions, self.rope_cos, self.rope_sin)
         h = F.embedding(input_ids, self.embed)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            attn = self._attention(rms_norm(h, layer.input_norm, eps), layer, cos, sin, meta, k_cache, v_cache)
+            attn = self._attention(norm(h, layer.input_norm, eps), layer, rope, meta, k_cache, v_cache)
             h = layer.o.add(attn, h)
-            gate, up = layer.gate_up(rms_norm(h, layer.post_norm, eps)).chunk(2, dim=-1)
-            h = layer.down.add(F.silu(gate) * up, h)
-        return self.lm_head(rms_norm(h[logits_indices], self.norm, eps))
+            h = layer.down.add(ops.silu_mul(layer.gate_up(norm(h, layer.post_norm, eps))), h)
+        return self.lm_head(norm(h[logits_indices], self.norm, eps))
 
-    def _attention(self, x, layer: LayerWeights, cos, sin, meta, k_cache, v_cache) -> torch.Tensor:
+    def _attention(self, x, layer: LayerWeights, rope, meta, k_cache, v_cache) -> torch.Tensor:
         spec = self.spec
         t, nh, nkv, hd = x.shape[0], spec.num_heads, spec.num_kv_heads, spec.head_dim
         qkv = layer.qkv(x)
@@ -101,8 +111,29 @@ class LlamaForCausalLM:
         v = qkv[:, (nh + nkv) * hd :].view(t, nkv, hd)
         if layer.qk_norm is not None:
             qk = rms_norm(qk, layer.qk_norm, spec.rms_norm_eps)
-        qk = apply_rope(qk, cos, sin)
+        qk = rope(qk)
         q, k = qk[:, :nh], qk[:, nh:]
         self.kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = self.kernels.paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
         return out.reshape(t, nh * hd)
+
+
+@dataclass(frozen=True)
+class DecoderOps:
+    """The element-wise ops of a layer: PyTorch by default (bit-compatible with HF's op order), fused Triton
+    kernels on CUDA in half precision (kernels/triton/fused.py; fewer launches, fp32 math)."""
+
+    rms_norm: Callable = rms_norm
+    silu_mul: Callable = silu_mul
+    rope_at: Callable = rope_at
+    """(positions, cos, sin_signed) -> a function that rotates qk [T, heads, head_dim]."""
+
+    @staticmethod
+    def for_device(device: torch.device, dtype: torch.dtype) -> DecoderOps:
+        if device.type != "cuda" or dtype == torch.float32:
+            return DecoderOps()
+        from lmkit.pytorch_engine.kernels.triton import fused
+
+        return DecoderOps(
+            fused.rms_norm, fused.silu_mul, lambda pos, cos, sin: lambda qk: fused.rope(qk, pos, cos, sin)
+        )
