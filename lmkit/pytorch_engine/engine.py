@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from lmkit.cpu_threads import in_passing_thread
 from lmkit.frontend.protocol import (
     EngineCapabilities,
     EngineOutput,
@@ -54,31 +55,11 @@ class PytorchEngine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         if self.device.type == "cpu":
             torch.set_num_threads(len(os.sched_getaffinity(0)))
-        load_format = getattr(config, "load_format", "auto")
-        if load_format == "dummy":  # random weights made where they run, in their dtype (benchmarks)
-            loaded = load_model(model_path, dtype=self.dtype, load_format="dummy", device=self.device)
+        if self.device.type == "cpu":  # see lmkit/cpu_threads.py
+            num_blocks = in_passing_thread(self._load, model_path, config)
         else:
-            loaded = load_model(model_path, dtype=torch.float32)
-        self.spec = loaded.spec
-        self.model_path = loaded.path
-        self.vocab_size = self.spec.vocab_size
+            num_blocks = self._load(model_path, config)
         block_size = config.block_size
-        self.session_len = min(self.spec.max_position_embeddings, config.session_len or sys.maxsize)
-        weights = loaded.weights
-        del loaded
-        num_blocks = self._num_blocks(config, kv_bytes_per_block(self.spec, block_size, self.dtype), weights)
-        self.runner = ModelRunner(
-            self.spec,
-            weights,
-            num_blocks,
-            block_size,
-            self.device,
-            self.dtype,
-            max_batch_size=config.max_batch_size,
-            max_model_len=min(self.session_len, num_blocks * block_size),
-            use_cuda_graphs=not config.eager_mode,
-        )
-        del weights
         self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_batch_size, config.max_num_batched_tokens)
         self.sampler = Sampler(self.device)
@@ -104,6 +85,34 @@ class PytorchEngine:
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="lmkit-pytorch-engine", daemon=True)
         self._thread.start()
+
+    def _load(self, model_path: str | Path | None, config: PytorchEngineConfig) -> int:
+        """Read the weights, size the KV pool, build the model runner; returns the pool's blocks."""
+        load_format = getattr(config, "load_format", "auto")
+        if load_format == "dummy":  # random weights made where they run, in their dtype (benchmarks)
+            loaded = load_model(model_path, dtype=self.dtype, load_format="dummy", device=self.device)
+        else:
+            loaded = load_model(model_path, dtype=torch.float32)
+        self.spec = loaded.spec
+        self.model_path = loaded.path
+        self.vocab_size = self.spec.vocab_size
+        block_size = config.block_size
+        self.session_len = min(self.spec.max_position_embeddings, config.session_len or sys.maxsize)
+        weights = loaded.weights
+        del loaded
+        num_blocks = self._num_blocks(config, kv_bytes_per_block(self.spec, block_size, self.dtype), weights)
+        self.runner = ModelRunner(
+            self.spec,
+            weights,
+            num_blocks,
+            block_size,
+            self.device,
+            self.dtype,
+            max_batch_size=config.max_batch_size,
+            max_model_len=min(self.session_len, num_blocks * block_size),
+            use_cuda_graphs=not config.eager_mode,
+        )
+        return num_blocks
 
     def _num_blocks(self, config: PytorchEngineConfig, block_bytes: int, weights: dict[str, torch.Tensor]) -> int:
         if config.num_gpu_blocks:

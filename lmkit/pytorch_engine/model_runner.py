@@ -14,6 +14,7 @@ import torch
 from lmkit.model.spec import ModelSpec
 from lmkit.pytorch_engine.cuda_graph import DecodeGraphs, meta_window
 from lmkit.pytorch_engine.kernels import AttentionMetadata, PrefillBatch, PrefillChunk, reads_paged_cache
+from lmkit.pytorch_engine.kernels.decode_kv_cpu import DecodeKV
 from lmkit.pytorch_engine.models.llama import LlamaForCausalLM
 from lmkit.pytorch_engine.scheduler import ScheduledBatch
 from lmkit.pytorch_engine.sequence import Sequence
@@ -41,12 +42,15 @@ class ModelRunner:
         self.device = device
         self.block_size = block_size
         self.model = LlamaForCausalLM(spec, weights, device, dtype)
-        shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(spec.num_layers)
-        ]
+        pool = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim, dtype, device)
+        allocate = self.model.kernels.allocate_kv_cache  # the layout is the kernels' choice
+        self.kv_caches = [(allocate(*pool), allocate(*pool)) for _ in range(spec.num_layers)]
         self.paged = reads_paged_cache(device)
+        # CPU: the decode batch's KV also in dense rows, up to half the pool's size (kernels/decode_kv_cpu.py).
+        self.decode_kv = None
+        if not self.paged:
+            pool_bytes = sum(k.nbytes + v.nbytes for k, v in self.kv_caches)
+            self.decode_kv = DecodeKV(self.kv_caches, block_size, max_bytes=pool_bytes // 2)
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and use_cuda_graphs:
             max_blocks = -(-max_model_len // block_size)
@@ -56,6 +60,11 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
         """Forward one step; returns logits [n, vocab] (fp32) and, per row, the index in batch.seqs."""
         order = [i for i, n in enumerate(batch.num_new_tokens) if n == 1]
+        window = None
+        if self.decode_kv is not None and order:
+            rows = self.decode_kv.prepare([batch.seqs[i] for i in order], self.spec.sliding_window)
+            if rows is not None:  # decode tokens go in the order of their dense rows
+                order, window = [order[r] for r in rows], self.decode_kv
         order += [i for i, n in enumerate(batch.num_new_tokens) if n > 1]
         input_ids, positions, slots, logits_rows, sample_idx = [], [], [], [], []
         meta = AttentionMetadata(slot_mapping=None, num_decode=len(order) - sum(n > 1 for n in batch.num_new_tokens))
@@ -82,22 +91,31 @@ class ModelRunner:
                 sample_idx.append(i)
         if self.graphs is not None and not chunks and self.graphs.fits(len(order)):
             logits = self.graphs.replay(input_ids, positions, slots, decode_tables, decode_lens)
-            return logits[logits_rows].float(), sample_idx
+            rows = len(logits_rows)  # rows ascend: range(rows) when every row samples, sliced without a gather
+            picked = logits[:rows] if rows and logits_rows[-1] == rows - 1 else logits[logits_rows]
+            return picked.float(), sample_idx
         dev = self.device
         meta.slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
         if self.paged:
             self._paged_context(meta, decode_tables, decode_lens, chunks)
         else:
-            if decode_lens:
+            if window is not None:
+                meta.decode_window = window
+            elif decode_lens:
                 self._decode_context(meta, decode_tables, decode_lens)
             self._batch_fresh_chunks(meta, fresh)
-        logits = self.model.forward(
-            torch.tensor(input_ids, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
-            meta,
-            self.kv_caches,
-            torch.tensor(logits_rows, dtype=torch.long, device=dev),
-        )
+        try:
+            logits = self.model.forward(
+                torch.tensor(input_ids, dtype=torch.long, device=dev),
+                torch.tensor(positions, dtype=torch.long, device=dev),
+                meta,
+                self.kv_caches,
+                torch.tensor(logits_rows, dtype=torch.long, device=dev),
+            )
+        except BaseException:
+            if window is not None:  # some layers may have appended this step's tokens: start the rows afresh
+                window.clear()
+            raise
         return logits.float(), sample_idx
 
     def _paged_context(self, meta: AttentionMetadata, decode_tables, decode_lens, chunks) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from lmkit import _turbo
+from lmkit.cpu_threads import in_passing_thread
 from lmkit.frontend.protocol import (
     EngineCapabilities,
     EngineOutput,
@@ -127,8 +128,21 @@ class TurboEngine:
             raise ValueError("turbo: tensor parallelism is not supported yet")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError("turbo: device 'cuda' asked for, but no CUDA GPU is visible")
+        if self.device == "cpu":  # see lmkit/cpu_threads.py
+            self._engine = in_passing_thread(self._build, model_path)
+        else:
+            self._engine = self._build(model_path)
+        print(  # the C++ engine has printed the KV pool (blocks, tokens, MiB)
+            f"[lmkit] turbo engine on {self.device} ({str(self.dtype).removeprefix('torch.')}), "
+            f"session_len {self.session_len}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _build(self, model_path: str | Path | None) -> _turbo.Engine:
+        """Load the weights, size the KV pool, and start the C++ engine (which packs the weights)."""
         weights = self._load(model_path)
-        self.block_size = config.cache_block_seq_len
+        self.block_size = self.config.cache_block_seq_len
         self.num_blocks = self._num_blocks()
         if self.num_blocks * self.block_size < self.session_len:
             print(
@@ -137,14 +151,7 @@ class TurboEngine:
                 file=sys.stderr,
             )
             self.session_len = self.num_blocks * self.block_size
-        self._engine = _turbo.Engine(self._engine_config(), model_config(self.spec), weights)
-        del weights
-        print(  # the C++ engine has printed the KV pool (blocks, tokens, MiB)
-            f"[lmkit] turbo engine on {self.device} ({str(self.dtype).removeprefix('torch.')}), "
-            f"session_len {self.session_len}",
-            file=sys.stderr,
-            flush=True,
-        )
+        return _turbo.Engine(self._engine_config(), model_config(self.spec), weights)
 
     def _load(self, model_path: str | Path | None) -> dict[str, torch.Tensor]:
         """Read (or, with load_format "dummy", make) the weights and lay them out for the C++ engine."""

@@ -1,6 +1,7 @@
 """Attention kernels over the paged KV cache, picked by device.
 
-Each backend module provides `write_kv(k, v, k_cache, v_cache, slot_mapping)` and
+Each backend module provides `allocate_kv_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, device)`
+(the pool's layout is the backend's choice), `write_kv(k, v, k_cache, v_cache, slot_mapping)` and
 `paged_attention(q, k, v, k_cache, v_cache, meta, scale)`; see attention_cpu.py for the shapes. A CUDA
 backend (Triton) plugs in here under "cuda".
 """

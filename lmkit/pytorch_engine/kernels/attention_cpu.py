@@ -1,9 +1,14 @@
 """Attention over the paged KV cache in plain PyTorch (the CPU path).
 
-KV cache of one layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim]; viewed flat as
-[num_slots, num_kv_heads, head_dim] so a token's slot = block_id * block_size + offset.
-Decode sequences run as one batched SDPA over their gathered, padded contexts; each prefill chunk runs
-its own causal SDPA (on the fresh k/v when it has no cached prefix).
+KV cache of one layer: k_cache, v_cache [num_kv_heads, num_blocks, block_size, head_dim], head-major. One
+`index_select` of a decode batch's blocks then yields each KV head's keys for every sequence as one
+contiguous [num_kv_heads, num_seqs, ctx, head_dim] tensor, which batched GEMMs read without a transpose copy.
+A token's slot = block_id * block_size + offset indexes the flat [num_kv_heads, num_slots, head_dim] view.
+
+Decode rows run as two batched GEMMs around an fp32 softmax; a KV head's GQA group of query heads are the
+rows of its GEMM, so K/V are never repeated. They read the dense rows of `DecodeKV` (decode_kv_cpu.py) when
+the runner keeps them, else the batch's blocks gathered from the pool. Each prefill chunk runs its own
+causal SDPA, on the fresh k/v when it has no cached prefix.
 """
 
 from __future__ import annotations
@@ -14,10 +19,22 @@ import torch.nn.functional as F
 from lmkit.pytorch_engine.kernels.metadata import AttentionMetadata
 
 
+def allocate_kv_cache(
+    num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device
+) -> torch.Tensor:
+    """One layer's K (or V) pool, zeroed."""
+    return torch.zeros(num_kv_heads, num_blocks, block_size, head_dim, dtype=dtype, device=device)
+
+
+def _slots_view(cache: torch.Tensor) -> torch.Tensor:
+    """[num_kv_heads, num_slots, head_dim] view of a layer's pool."""
+    return cache.view(cache.shape[0], -1, cache.shape[3])
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping) -> None:
     """Store the step's k, v [num_tokens, num_kv_heads, head_dim] at their slots."""
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+    _slots_view(k_cache).index_copy_(1, slot_mapping, k.transpose(0, 1))
+    _slots_view(v_cache).index_copy_(1, slot_mapping, v.transpose(0, 1))
 
 
 def paged_attention(
@@ -32,37 +49,57 @@ def paged_attention(
     """q [T, H, D], k/v [T, KVH, D] of this step (already in the cache) -> out [T, H, D]."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     group = q.shape[1] // num_kv_heads
-    k_flat = k_cache.view(-1, num_kv_heads, head_dim)
-    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
     out = torch.empty_like(q)
     nd = meta.num_decode
-    if nd:
-        # GQA without repeating k/v: a kv head's `group` query heads act as `group` queries on it.
-        qd = q[:nd].view(nd, num_kv_heads, group, head_dim)
-        # Gather whole blocks (contiguous rows of block_size * KVH * D): far cheaper than per-slot indexing.
-        blocks = meta.decode_block_tables.view(-1)
-        ctx = meta.decode_ctx_len
-        kd = k_cache.index_select(0, blocks).view(nd, -1, num_kv_heads, head_dim)[:, :ctx].transpose(1, 2)
-        vd = v_cache.index_select(0, blocks).view(nd, -1, num_kv_heads, head_dim)[:, :ctx].transpose(1, 2)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale)
-        out[:nd] = od.reshape(nd, -1, head_dim)
+    if nd and meta.decode_window is not None:
+        meta.decode_window.attend(
+            q[:nd], k[:nd], v[:nd], k_cache, scale, out[:nd].view(nd, num_kv_heads, group, head_dim)
+        )
+    elif nd:
+        _decode(q[:nd], k_cache, v_cache, meta, scale, out[:nd].view(nd, num_kv_heads, group, head_dim))
     if meta.prefill_batch is not None:
         _prefill_batch(q, k, v, meta.prefill_batch, scale, out)
     for chunk in meta.prefills:
         rows = slice(chunk.start, chunk.start + chunk.num_tokens)
         qp = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         if chunk.context_slots is None:
-            kp, vp = k[rows], v[rows]
+            kp, vp = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
         else:
-            kp, vp = k_flat.index_select(0, chunk.context_slots), v_flat.index_select(0, chunk.context_slots)
-        kp = kp.transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
-        vp = vp.transpose(0, 1).unsqueeze(0)
+            kp = _slots_view(k_cache).index_select(1, chunk.context_slots)  # [KVH, ctx, D]
+            vp = _slots_view(v_cache).index_select(1, chunk.context_slots)
         causal = chunk.mask is None and chunk.num_tokens > 1
         op = F.scaled_dot_product_attention(
-            qp, kp, vp, attn_mask=chunk.mask, is_causal=causal, scale=scale, enable_gqa=group > 1
+            qp,
+            kp.unsqueeze(0),
+            vp.unsqueeze(0),
+            attn_mask=chunk.mask,
+            is_causal=causal,
+            scale=scale,
+            enable_gqa=group > 1,
         )
         out[rows] = op[0].transpose(0, 1)
     return out
+
+
+def _decode(q: torch.Tensor, k_cache, v_cache, meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
+    """q [nd, H, D] -> out [nd, KVH, group, D] for the decode rows."""
+    nd, num_kv_heads, group, head_dim = out.shape
+    blocks = meta.decode_block_tables.view(-1)
+    ctx = meta.decode_ctx_len
+    kd = k_cache.index_select(1, blocks).view(num_kv_heads, nd, -1, head_dim)[:, :, :ctx]  # [KVH, nd, ctx, D]
+    vd = v_cache.index_select(1, blocks).view(num_kv_heads, nd, -1, head_dim)[:, :, :ctx]
+    qd = q.view(nd, num_kv_heads, group, head_dim).transpose(0, 1)  # [KVH, nd, group, D]
+    scores = torch.matmul(qd, kd.transpose(-1, -2)).float().mul_(scale)  # [KVH, nd, group, ctx]
+    if meta.decode_mask is not None:
+        if meta.decode_bias is None:  # built by the first layer, shared by the rest
+            meta.decode_bias = (
+                torch.zeros(meta.decode_mask.shape, device=q.device)
+                .masked_fill_(meta.decode_mask.logical_not(), float("-inf"))
+                .view(1, nd, 1, ctx)
+            )
+        scores += meta.decode_bias
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    out.copy_(torch.matmul(probs, vd).transpose(0, 1))
 
 
 def _prefill_batch(q, k, v, pb, scale: float, out: torch.Tensor) -> None:

@@ -12,6 +12,13 @@ from lmkit.pytorch_engine.kernels.metadata import AttentionMetadata
 from lmkit.pytorch_engine.kernels.triton import paged_attention as tk
 
 
+def allocate_kv_cache(
+    num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device
+) -> torch.Tensor:
+    """One layer's K (or V) pool, zeroed: [num_blocks, block_size, num_kv_heads, head_dim]."""
+    return torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping) -> None:
     """Store the step's k, v [num_tokens, num_kv_heads, head_dim] at their slots (slot -1: padding, skipped)."""
     tk.write_kv(k, v, k_cache, v_cache, slot_mapping)
