@@ -67,10 +67,8 @@ class DecodeKV:
         if not self._reserve(len(self.seqs), -(-max(lens) // _CAP_STEP) * _CAP_STEP):
             self.clear()
             return None
-        for r, s in enumerate(self.seqs):
-            if self.filled[r] != s.num_computed_tokens:
-                self._fill(r, s)
-            self.filled[r] = s.num_computed_tokens + 1
+        self._fill([r for r, s in enumerate(self.seqs) if self.filled[r] != s.num_computed_tokens])
+        self.filled = [n for n in lens]
         self._step_tensors(lens, sliding_window)
         index = {id(s): i for i, s in enumerate(seqs)}
         return [index[id(s)] for s in self.seqs]
@@ -113,15 +111,25 @@ class DecodeKV:
         self.capacity = new_capacity
         return True
 
-    def _fill(self, row: int, seq) -> None:
-        """Copy the sequence's computed tokens [0, num_computed_tokens) from the paged pool into its row."""
-        n = seq.num_computed_tokens
-        if n == 0:
+    def _fill(self, rows: list[int]) -> None:
+        """Copy the rows' sequences' computed tokens [0, num_computed_tokens) from the paged pool, all rows at once.
+
+        Positions past a sequence's length get whatever its table's padding block holds: finite values that the
+        mask hides until the sequence's own tokens overwrite them."""
+        if not rows:
             return
-        blocks = torch.tensor(seq.block_table[: -(-n // self.block_size)], dtype=torch.long)
+        tables = [self.seqs[r].block_table[: -(-self.seqs[r].num_computed_tokens // self.block_size)] for r in rows]
+        width = max(len(t) for t in tables)
+        if width == 0:
+            return
+        blocks = torch.tensor([t + [t[0] if t else 0] * (width - len(t)) for t in tables], dtype=torch.long)
+        tokens = min(width * self.block_size, self.capacity)
+        index = torch.tensor(rows, dtype=torch.long)
+        kvh, d = self.num_kv_heads, self.head_dim
         for (kp, vp), kw, vw in zip(self.pools, self.k, self.v):
-            kw[row, :, :n] = kp.index_select(1, blocks).view(self.num_kv_heads, -1, self.head_dim)[:, :n]
-            vw[row, :, :n] = vp.index_select(1, blocks).view(self.num_kv_heads, -1, self.head_dim)[:, :n]
+            for pool, dense in ((kp, kw), (vp, vw)):
+                gathered = pool.index_select(1, blocks.view(-1)).view(kvh, len(rows), -1, d)[:, :, :tokens]
+                dense[:, :, :tokens].index_copy_(0, index, gathered.transpose(0, 1))
 
     def _step_tensors(self, lens: list[int], sliding_window: int | None) -> None:
         kvh, cap = self.num_kv_heads, self.capacity

@@ -24,6 +24,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
 
+def rms_norm_fp32_stats(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of a half-precision x with its statistics in fp32 (as HF's LlamaRMSNorm), in one ATen op."""
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -121,7 +126,8 @@ class LlamaForCausalLM:
 @dataclass(frozen=True)
 class DecoderOps:
     """The element-wise ops of a layer: PyTorch by default (bit-compatible with HF's op order), fused Triton
-    kernels on CUDA in half precision (kernels/triton/fused.py; fewer launches, fp32 math)."""
+    kernels on CUDA in half precision (kernels/triton/fused.py; fewer launches, fp32 math), and on CPU in half
+    precision an RMSNorm whose statistics are fp32."""
 
     rms_norm: Callable = rms_norm
     silu_mul: Callable = silu_mul
@@ -130,8 +136,10 @@ class DecoderOps:
 
     @staticmethod
     def for_device(device: torch.device, dtype: torch.dtype) -> DecoderOps:
-        if device.type != "cuda" or dtype == torch.float32:
+        if dtype == torch.float32:
             return DecoderOps()
+        if device.type != "cuda":
+            return DecoderOps(rms_norm=rms_norm_fp32_stats)
         from lmkit.pytorch_engine.kernels.triton import fused
 
         return DecoderOps(
