@@ -4,6 +4,7 @@ Each cell submits `batch` requests of `input_len` random token ids, greedy, exac
 (EOS ignored), and reports time to first token, decode time per output token, and output throughput.
 
     python benchmark/profile_generation.py --backends pytorch,turbo,hf --batch 1,8,32 --io 64x128
+    python benchmark/profile_generation.py --dtype bfloat16 --hf-dtype float32,bfloat16 --batch 1,8,32 --io 64x128
     python benchmark/profile_generation.py --device cuda --dtype bfloat16 --batch 1,16,64,256 \\
         --io 128x128,128x2048,2048x128 --markdown docs/results.md
 """
@@ -120,11 +121,12 @@ def make_engine(backend: str, model_path, args):
     return engine
 
 
-def load_hf(model_path, args):
+def load_hf(model_path, args, dtype_name: str | None = None):
     from transformers import AutoModelForCausalLM
 
-    dtype = {"auto": torch.float32 if args.device == "cpu" else torch.bfloat16}.get(args.dtype) or getattr(
-        torch, args.dtype
+    dtype_name = dtype_name or args.dtype
+    dtype = {"auto": torch.float32 if args.device == "cpu" else torch.bfloat16}.get(dtype_name) or getattr(
+        torch, dtype_name
     )
     if args.load_format == "dummy":  # random init in the checkpoint's shapes: speed does not depend on values
         from transformers import AutoConfig
@@ -191,6 +193,11 @@ def parse_args(argv=None):
     p.add_argument("--io", default="64x128", help="comma list of INPUTxOUTPUT lengths")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument(
+        "--hf-dtype",
+        default=None,
+        help="comma list of dtypes to run HF transformers in (default: --dtype), e.g. float32,bfloat16",
+    )
     p.add_argument("--cache-max-entry-count", type=float, default=0.5)
     p.add_argument(
         "--load-format",
@@ -204,6 +211,7 @@ def parse_args(argv=None):
     args.batch = [int(b) for b in args.batch.split(",")]
     args.io = [tuple(int(x) for x in s.split("x")) for s in args.io.split(",")]
     args.backends = args.backends.split(",")
+    args.hf_dtype = (args.hf_dtype or args.dtype).split(",")
     return args
 
 
@@ -216,8 +224,11 @@ def main(argv=None) -> None:
         dtype_name = "bfloat16" if args.dtype == "auto" else args.dtype
         print(f"{torch.cuda.get_device_name()}: {roofline(model_path, dtype_name)}", flush=True)
     cells: list[Cell] = []
-    for backend in args.backends:
-        runner = load_hf(model_path, args) if backend == "hf" else make_engine(backend, model_path, args)
+    # HF once per asked dtype, labelled with it when it differs from the engines'
+    runs = [(b, d) for b in args.backends for d in (args.hf_dtype if b == "hf" else [args.dtype])]
+    for backend, dtype_name in runs:
+        label = f"hf ({dtype_name})" if backend == "hf" and args.hf_dtype != [args.dtype] else backend
+        runner = load_hf(model_path, args, dtype_name) if backend == "hf" else make_engine(backend, model_path, args)
         for input_len, output_len in args.io:
             for batch in args.batch:
                 seed = batch * 7919 + input_len
@@ -227,6 +238,7 @@ def main(argv=None) -> None:
                 else:
                     run_engine(runner, backend, batch, input_len, 4, args.device, seed + 1)  # warm-up, same shapes
                     cell = run_engine(runner, backend, batch, input_len, output_len, args.device, seed)
+                cell.backend = label
                 print(format_table([cell]).splitlines()[-1], flush=True)
                 cells.append(cell)
         if backend != "hf":
