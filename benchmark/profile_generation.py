@@ -19,9 +19,12 @@ import sys
 import time
 from dataclasses import dataclass
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import lmkit  # noqa: E402, F401  (first: it sets OpenMP's spin policy, which torch reads when it loads)
+
+# isort: split
+import torch  # noqa: E402
 
 from lmkit.frontend.protocol import EngineRequest, SamplingParams  # noqa: E402
 from lmkit.model.loader import resolve_model_path  # noqa: E402

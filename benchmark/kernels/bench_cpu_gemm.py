@@ -3,8 +3,8 @@
 SmolLM2-135M shapes by default: 30 layers of qkv / o / gate_up / down with distinct weights (so they stream
 from memory as in the model), plus the LM head.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmark/kernels/bench_cpu_gemm.py --rows 1,8,32,2048
-    OMP_WAIT_POLICY=PASSIVE python benchmark/kernels/bench_cpu_gemm.py --dtype bfloat16
+    python benchmark/kernels/bench_cpu_gemm.py --rows 1,8,32,2048
+    python benchmark/kernels/bench_cpu_gemm.py --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from __future__ import annotations
 import argparse
 import time
 
+import lmkit  # noqa: F401  (first: it sets OpenMP's spin policy, which torch reads when it loads)
+
+# isort: split
 import torch
 import torch.nn.functional as F
 

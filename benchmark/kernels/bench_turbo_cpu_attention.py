@@ -1,6 +1,6 @@
 """turbo's CPU paged attention (decode) through the bindings: time per layer call.
 
-OMP_WAIT_POLICY=PASSIVE python benchmark/kernels/bench_turbo_cpu_attention.py
+python benchmark/kernels/bench_turbo_cpu_attention.py
 """
 
 from __future__ import annotations
@@ -9,6 +9,9 @@ import argparse
 import math
 import time
 
+import lmkit  # noqa: F401  (first: it sets OpenMP's spin policy, which torch reads when it loads)
+
+# isort: split
 import torch
 
 from lmkit import _turbo
