@@ -387,3 +387,60 @@ def test_engine_pipelined_decode_matches_unpipelined(gpu_model_dir, monkeypatch)
     aborted = run("1", plain, abort="r5")
     assert aborted.pop("r5")[1] == FinishReason.ABORT
     assert aborted == {k: v for k, v in ref.items() if k != "r5"}
+
+
+@pytest.mark.parametrize("num_blocks", [256, 24])
+def test_engine_pipelined_steps_with_admissions_match_unpipelined(gpu_model_dir, monkeypatch, num_blocks):
+    """Steps chained across admissions: more requests than the batch holds, prefill chunks beside decodes
+    (a 32-token budget), sequences at their length limit leaving mid-chain, stop tokens, and (24 blocks) a pool
+    small enough to preempt. Same tokens and finish reasons as TURBO_PIPELINE=0."""
+    path = gpu_model_dir("llama")
+    cfg = TurboEngineConfig(
+        device="cuda",
+        dtype="float32",
+        num_blocks=num_blocks,
+        cache_block_seq_len=BLOCK,
+        session_len=512,
+        max_batch_size=4,
+        max_num_batched_tokens=32,
+    )
+    seqs = prompts(tiny_config("llama").vocab_size, lens=(5, 19, 40, 71, 3, 12, 33, 8, 50))
+    plain = [
+        (p, SamplingParams(max_new_tokens=9 + 5 * i, temperature=0.0, ignore_eos=True)) for i, p in enumerate(seqs)
+    ]
+
+    def run(pipeline: str, reqs) -> dict:
+        monkeypatch.setenv("TURBO_PIPELINE", pipeline)
+        engine = TurboEngine(path, cfg)
+        try:
+            return {k: (v[0], v[2]) for k, v in run_engine_with_reasons(engine, reqs).items()}
+        finally:
+            engine.shutdown()
+
+    ref = run("0", plain)
+    assert run("1", plain) == ref
+    stops = []
+    for i, (p, sp) in enumerate(plain):  # every third request stops on the token it generates 4th
+        ids = [ref[f"r{i}"][0][3]] if i % 3 == 0 else []
+        stops.append((p, SamplingParams(max_new_tokens=sp.max_new_tokens, temperature=0.0, stop_token_ids=ids)))
+    want = run("0", stops)
+    assert any(reason == FinishReason.STOP for _, reason in want.values())
+    assert run("1", stops) == want
+
+
+def run_engine_with_reasons(engine: TurboEngine, reqs) -> dict[str, list]:
+    """Submit every request at once; returns request id -> [tokens, logprobs, finish reason]."""
+    for i, (p, sp) in enumerate(reqs):
+        engine.add_request(EngineRequest(f"r{i}", p, sp))
+    got: dict[str, list] = {f"r{i}": [[], [], None] for i in range(len(reqs))}
+    done, deadline = set(), time.monotonic() + 120
+    while len(done) < len(reqs) and time.monotonic() < deadline:
+        for o in engine.get_outputs(timeout=1.0):
+            assert o.error is None, o.error
+            got[o.request_id][0] += o.new_token_ids
+            got[o.request_id][1] += o.logprobs or []
+            if o.finished:
+                got[o.request_id][2] = o.finish_reason
+                done.add(o.request_id)
+    assert len(done) == len(reqs)
+    return got
