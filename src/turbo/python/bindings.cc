@@ -10,7 +10,7 @@
 #include "turbo/kernels/kernels.h"
 #include "turbo/kv/block_manager.h"
 #ifdef TURBO_WITH_CUDA
-#include "turbo/kernels/cuda/decode_graphs.h"
+#include "turbo/engine/decode_graphs.h"
 #endif
 
 namespace py = pybind11;

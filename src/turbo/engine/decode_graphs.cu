@@ -1,6 +1,6 @@
 // Decode CUDA graphs per batch bucket: capture on first use, replay with the step's inputs copied into static
 // buffers. Host code only; a .cu so that nvcc supplies the CUDA include paths that ATen/cuda needs.
-#include "turbo/kernels/cuda/decode_graphs.h"
+#include "turbo/engine/decode_graphs.h"
 
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAFunctions.h>

@@ -1,6 +1,6 @@
 // Decode steps replayed as CUDA graphs, one graph per batch bucket (nano-vllm's scheme). No CUDA headers here,
-// so the engine can hold one; built only with TURBO_WITH_CUDA (it sits in kernels/cuda/ because that folder's
-// sources are the ones compiled only in a CUDA build).
+// so the engine can hold one; decode_graphs.cu is built only with TURBO_WITH_CUDA (CMakeLists.txt adds it to
+// the CUDA sources).
 //
 // A decode batch of S sequences (every q_len 1, every row sampled) runs in the smallest bucket B >= S. Static
 // device inputs, sized for the largest bucket, are views whose addresses the graphs captured:
