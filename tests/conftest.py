@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import engine_testing
 import pytest
 import torch
 from tiny_models import make_tiny_model
@@ -15,6 +16,17 @@ from lmkit.model.loader import resolve_model_path
 def smollm2_dir() -> Path:
     """The default model (SmolLM2-135M-Instruct) as a converted HF folder."""
     return resolve_model_path(None)
+
+
+@pytest.fixture(scope="session")
+def parity_prompts(smollm2_dir) -> dict[str, list[int]]:
+    return engine_testing.parity_prompts(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def parity_hf_reference(smollm2_dir, parity_prompts) -> dict[str, list[int]]:
+    """HF's greedy PARITY_NEW_TOKENS tokens for each parity prompt (computed once for both engines' tests)."""
+    return engine_testing.hf_greedy(smollm2_dir, parity_prompts, engine_testing.PARITY_NEW_TOKENS)
 
 
 @pytest.fixture(scope="session")

@@ -48,3 +48,55 @@ def wait_idle(engine, baseline_free: int, timeout: float = 30.0) -> None:
             return
         time.sleep(0.02)
     raise AssertionError(f"engine not idle: {engine.stats()}")
+
+
+# The acceptance prompt set of both engines' SmolLM2 parity tests: chat prompts that share a system prompt (a
+# common prefix of several blocks) and raw completions of mixed lengths.
+PARITY_NEW_TOKENS = 64
+_SYSTEM = "You are a terse assistant who answers questions about geography and history in one paragraph."
+_CHATS = [
+    "What is the capital of France?",
+    "Name three rivers in Africa and say which is the longest.",
+    "Who built the pyramids of Giza?",
+    "Explain in detail why the Roman Empire fell, covering economics, the military, politics and the "
+    "pressure of migrating peoples on its borders over several centuries.",
+]
+_RAW = [
+    "The quick brown fox",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+    "def fibonacci(n):\n    ",
+    "The history of the printing press begins",
+]
+
+
+def parity_prompts(model_dir) -> dict[str, list[int]]:
+    """{"chat0".."chat3", "raw0".."raw3": token ids}."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    out = {}
+    for i, q in enumerate(_CHATS):
+        text = tok.apply_chat_template(
+            [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": q}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        out[f"chat{i}"] = tok.encode(text, add_special_tokens=False)
+    for i, text in enumerate(_RAW):
+        out[f"raw{i}"] = tok.encode(text)
+    return out
+
+
+def hf_greedy(model_dir, prompts: dict[str, list[int]], new_tokens: int) -> dict[str, list[int]]:
+    """HF transformers' greedy tokens in fp32, one prompt at a time (no batching, no padding)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ref = {}
+    with torch.inference_mode():
+        for rid, ids in prompts.items():
+            x = torch.tensor([ids])
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, do_sample=False)
+            ref[rid] = out[0, len(ids) :].tolist()
+    return ref
