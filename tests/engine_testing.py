@@ -100,3 +100,37 @@ def hf_greedy(model_dir, prompts: dict[str, list[int]], new_tokens: int) -> dict
             out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, do_sample=False)
             ref[rid] = out[0, len(ids) :].tolist()
     return ref
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def random_wave(engine, prefix: str, n: int, rng, vocab: int, num_blocks: int, max_new_tokens: int = 5) -> None:
+    """n short requests with random prompts, lengths and temperatures, a third of them cancelled at random
+    moments: every request must end exactly once, and the pool must be back to `num_blocks` free blocks."""
+    ids = []
+    ends: dict[str, int] = {}
+    for i in range(n):
+        rid = f"{prefix}{i}"
+        prompt = [rng.randrange(3, vocab) for _ in range(rng.randrange(1, 40))]
+        sampling = SamplingParams(max_new_tokens=rng.randrange(1, max_new_tokens), temperature=rng.choice([0.0, 1.0]))
+        engine.add_request(EngineRequest(rid, prompt, sampling))
+        ids.append(rid)
+        if rng.random() < 0.33:
+            engine.abort_request(ids[rng.randrange(len(ids))])
+        for out in engine.get_outputs(0):
+            if out.finished:
+                ends[out.request_id] = ends.get(out.request_id, 0) + 1
+    deadline = time.monotonic() + 120
+    while len(ends) < n:
+        assert time.monotonic() < deadline, f"{n - len(ends)} requests never finished"
+        for out in engine.get_outputs(1.0):
+            if out.finished:
+                ends[out.request_id] = ends.get(out.request_id, 0) + 1
+    assert set(ends) == set(ids) and set(ends.values()) == {1}
+    wait_idle(engine, num_blocks)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import random
 import time
 
 import pytest
-from engine_testing import collect, generate
+from engine_testing import collect, generate, random_wave, rss_mib
 
 from lmkit.frontend.protocol import Engine, EngineRequest, FinishReason, InvalidRequestError, SamplingParams
 from lmkit.messages import PytorchEngineConfig
@@ -143,3 +144,23 @@ def test_stop_tokens_logprobs_and_seeds(engine):
 def test_session_len_caps_generation(engine):
     res = generate(engine, {"cap": list(range(1, 251))}, SamplingParams(max_new_tokens=50, ignore_eos=True))["cap"]
     assert len(res.token_ids) == 6 and res.last.finish_reason is FinishReason.LENGTH
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_stress_random_cancellations(tiny_model_dir, dtype):
+    """1,000 short requests, a third cancelled at random moments: every request ends once, every block is
+    returned, and memory does not grow (the dense decode rows come and go with the batch)."""
+    config = PytorchEngineConfig(
+        dtype=dtype, block_size=16, num_gpu_blocks=48, max_batch_size=64, max_num_batched_tokens=256
+    )
+    e = PytorchEngine(tiny_model_dir("llama"), config)
+    rng = random.Random(0)
+    try:
+        random_wave(e, "warm", 200, rng, vocab=320, num_blocks=48, max_new_tokens=12)
+        rss = rss_mib()
+        random_wave(e, "s", 1000, rng, vocab=320, num_blocks=48, max_new_tokens=12)
+        assert rss_mib() - rss < 64, f"RSS grew from {rss:.0f} MiB to {rss_mib():.0f} MiB"
+        s = e.stats()
+        assert s.num_blocks_free == s.num_blocks_total and s.num_running == 0 and s.num_waiting == 0
+    finally:
+        e.shutdown()

@@ -6,7 +6,7 @@ import random
 import time
 
 import pytest
-from engine_testing import collect, generate, wait_idle
+from engine_testing import collect, generate, random_wave, rss_mib, wait_idle
 
 from lmkit.frontend.protocol import (
     Engine,
@@ -187,14 +187,6 @@ def test_shutdown_aborts_in_flight(tiny):
     e.shutdown()  # idempotent
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def test_stress_random_cancellations(tiny):
     """1,000 short requests, a third cancelled at random moments: every request ends once, every block is
     returned, and memory does not grow."""
@@ -203,39 +195,10 @@ def test_stress_random_cancellations(tiny):
     )
     rng = random.Random(0)
     try:
-
-        def wave(prefix: str, n: int) -> None:
-            ids = []
-            ends: dict[str, int] = {}
-            for i in range(n):
-                rid = f"{prefix}{i}"
-                prompt = [rng.randrange(3, 320) for _ in range(rng.randrange(1, 40))]
-                e.add_request(
-                    EngineRequest(
-                        rid,
-                        prompt,
-                        SamplingParams(max_new_tokens=rng.randrange(1, 5), temperature=rng.choice([0.0, 1.0])),
-                    )
-                )
-                ids.append(rid)
-                if rng.random() < 0.33:
-                    e.abort_request(ids[rng.randrange(len(ids))])
-                for out in e.get_outputs(0):
-                    if out.finished:
-                        ends[out.request_id] = ends.get(out.request_id, 0) + 1
-            deadline = time.monotonic() + 120
-            while len(ends) < n:
-                assert time.monotonic() < deadline, f"{n - len(ends)} requests never finished"
-                for out in e.get_outputs(1.0):
-                    if out.finished:
-                        ends[out.request_id] = ends.get(out.request_id, 0) + 1
-            assert set(ends) == set(ids) and set(ends.values()) == {1}
-            wait_idle(e, 48)
-
-        wave("warm", 200)
-        rss = _rss_mib()
-        wave("s", 1000)
-        assert _rss_mib() - rss < 64, f"RSS grew from {rss:.0f} MiB to {_rss_mib():.0f} MiB"
+        random_wave(e, "warm", 200, rng, vocab=320, num_blocks=48)
+        rss = rss_mib()
+        random_wave(e, "s", 1000, rng, vocab=320, num_blocks=48)
+        assert rss_mib() - rss < 64, f"RSS grew from {rss:.0f} MiB to {rss_mib():.0f} MiB"
         s = e.stats()
         assert s.num_blocks_free == s.num_blocks_total and s.num_running == 0 and s.num_waiting == 0
     finally:
