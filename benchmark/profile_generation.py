@@ -119,7 +119,11 @@ def make_engine(backend: str, model_path, args):
     if backend == "turbo":
         cfg = TurboEngineConfig(**common, cache_max_entry_count=args.cache_max_entry_count)
     else:
-        cfg = PytorchEngineConfig(**common, cache_max_entry_count=args.cache_max_entry_count)
+        cfg = PytorchEngineConfig(
+            **common,
+            cache_max_entry_count=args.cache_max_entry_count,
+            prefill_interval=getattr(args, "prefill_interval", 1),  # profile_throughput's flag
+        )
     engine, _ = create_engine(model_path, backend, cfg)
     return engine
 

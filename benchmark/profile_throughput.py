@@ -85,6 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--max-batch-size", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of a step (engine default)")
+    p.add_argument("--prefill-interval", type=int, default=1, help="PyTorch engine: admit requests every N steps")
     p.add_argument("--cache-max-entry-count", type=float, default=0.8)
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
     args = p.parse_args(argv)

@@ -57,6 +57,9 @@ class PytorchEngineConfig:
     """Tokens per KV block (--cache-block-seq-len)."""
     enable_prefix_caching: bool = True
     """Reuse KV blocks of identical prefixes."""
+    prefill_interval: int = 1
+    """While sequences are decoding, admit waiting requests only every this many steps (1 = every step). Larger
+    values keep more steps decode-only (on CUDA, replayed as graphs) for throughput, at the cost of TTFT."""
     device: str = "auto"
     """"auto" (cuda if available), "cpu" or "cuda"."""
     dtype: str = "auto"

@@ -61,7 +61,9 @@ class PytorchEngine:
             num_blocks = self._load(model_path, config)
         block_size = config.block_size
         self.block_manager = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_batch_size, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_batch_size, config.max_num_batched_tokens, config.prefill_interval
+        )
         self.sampler = Sampler(self.device)
         if num_blocks * block_size < self.session_len:
             print(

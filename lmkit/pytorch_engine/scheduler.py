@@ -1,7 +1,8 @@
 """Continuous-batching policy over sequences and token counts; no tensors.
 
 Each step gets a budget of max_num_batched_tokens: running decodes first, then running prefills
-continued in chunks, then waiting sequences admitted (up to max_num_seqs) with what budget is left.
+continued in chunks, then waiting sequences admitted (up to max_num_seqs) with what budget is left. With
+prefill_interval n > 1, waiting sequences are admitted only every n-th step while others are decoding.
 When blocks run out, the newest running sequence is preempted by recompute: its blocks are freed and
 it goes back to the front of the waiting queue (its prefix may still be found in the cache).
 """
@@ -36,10 +37,16 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, prefill_interval: int = 1
+    ) -> None:
+        if prefill_interval < 1:
+            raise ValueError(f"prefill_interval must be >= 1, not {prefill_interval}")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefill_interval = prefill_interval
+        self._steps_without_admitting = 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -75,8 +82,15 @@ class Scheduler:
                 batch.seqs.append(seq)
                 batch.num_new_tokens.append(num_new)
                 budget -= num_new
-        if not batch.preempted:
+        decoding = any(s.num_uncomputed_tokens == 1 for s in self.running)
+        if batch.preempted or (decoding and self._steps_without_admitting + 1 < self.prefill_interval):
+            self._steps_without_admitting += 1
+        else:
+            admitted = len(batch.seqs)
             self._admit(batch, budget)
+            # Nothing could be admitted (no free slot or blocks): try again next step, not an interval later.
+            blocked = len(batch.seqs) == admitted and self.waiting
+            self._steps_without_admitting = self.prefill_interval - 1 if blocked else 0
         return batch
 
     def _allocate_or_preempt(self, seq: Sequence, num_new: int, batch: ScheduledBatch) -> bool:

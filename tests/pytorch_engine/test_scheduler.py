@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from lmkit.frontend.protocol import FinishReason, SamplingParams
 from lmkit.pytorch_engine.block_manager import BlockManager
 from lmkit.pytorch_engine.scheduler import Scheduler
@@ -126,3 +128,31 @@ def test_finish_reasons_and_abort_free_blocks():
     assert sched.block_manager.num_blocks_free < 64
     sched.finish(u)
     assert sched.block_manager.num_blocks_free == 64 and not sched.has_work()
+
+
+def test_prefill_interval_admits_every_nth_step_while_decoding():
+    sched = Scheduler(BlockManager(64, BS, True), 8, 64, prefill_interval=4)
+    sched.add(seq("a", 6, 40))
+    first = sched.schedule()  # nothing is decoding: admitted at once
+    assert [s.request_id for s in first.seqs] == ["a"]
+    sched.postprocess(first, {0: fake_token(first.seqs[0])})
+    admitted_at = []
+    for step in range(1, 13):
+        sched.add(seq(f"w{step}", 3, 2, first=100 * step))  # a new request every step
+        batch = sched.schedule()
+        if any(s.num_computed_tokens == 0 for s in batch.seqs):
+            admitted_at.append(step)
+        assert all(n == 1 for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens > 0)
+        sampled = {i: fake_token(s) for i, s in enumerate(batch.seqs) if batch.samples(i)}
+        sched.postprocess(batch, sampled)
+    assert admitted_at == [4, 8, 12]  # three decode-only steps between admissions
+
+
+def test_prefill_interval_keeps_outputs_and_rejects_zero():
+    sched = Scheduler(BlockManager(64, BS, True), 4, 16, prefill_interval=8)
+    for i in range(6):
+        sched.add(seq(f"r{i}", 10, 5, first=100 * i))
+    assert run_to_completion(sched) == {f"r{i}": reference(10, 5, 100 * i) for i in range(6)}
+    assert sched.block_manager.num_blocks_free == 64
+    with pytest.raises(ValueError, match="prefill_interval"):
+        Scheduler(BlockManager(8, BS, True), 4, 16, prefill_interval=0)

@@ -226,6 +226,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-max-entry-count", type=float, default=0.8, help="fraction of memory for the KV cache")
     g.add_argument("--cache-block-seq-len", type=int, default=None, help="tokens per KV block")
     g.add_argument("--max-batch-size", type=int, default=128)
+    g.add_argument(
+        "--prefill-interval",
+        type=int,
+        default=1,
+        help="PyTorch engine: admit new requests every N steps while others decode (throughput over TTFT)",
+    )
     g.add_argument("--tp", type=int, default=1)
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="auto")
@@ -248,7 +254,7 @@ def backend_config(args: argparse.Namespace):
         load_format=getattr(args, "load_format", "auto"),
     )
     if args.backend == "pytorch":
-        cfg = PytorchEngineConfig(**common)
+        cfg = PytorchEngineConfig(**common, prefill_interval=getattr(args, "prefill_interval", 1))
         if args.cache_block_seq_len:
             cfg.block_size = args.cache_block_seq_len
         return cfg
