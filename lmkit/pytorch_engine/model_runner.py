@@ -14,6 +14,7 @@ import torch
 from lmkit.model.spec import ModelSpec
 from lmkit.pytorch_engine.cuda_graph import DecodeGraphs, meta_window
 from lmkit.pytorch_engine.kernels import AttentionMetadata, PrefillBatch, PrefillChunk, reads_paged_cache
+from lmkit.pytorch_engine.kernels.attention_cpu import visibility_bias
 from lmkit.pytorch_engine.kernels.decode_kv_cpu import DecodeKV
 from lmkit.pytorch_engine.models.llama import LlamaForCausalLM
 from lmkit.pytorch_engine.scheduler import ScheduledBatch
@@ -186,9 +187,6 @@ class ModelRunner:
         meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=dev)
         meta.decode_context_lens = torch.tensor(lens, dtype=torch.long, device=dev)
         window = self.spec.sliding_window
-        if min(lens) == max_len and (window is None or max_len <= window):
-            meta.decode_ctx_len = max_len  # nothing to hide: read exactly the context
-            return
-        meta.decode_ctx_len = max_blocks * bs
-        q_pos = meta.decode_context_lens - 1
-        meta.decode_mask = self._window_mask(q_pos, max_blocks * bs)[:, None, None, :]
+        uniform = min(lens) == max_len and (window is None or max_len <= window)
+        meta.decode_ctx_len = max_len if uniform else max_blocks * bs  # uniform: read exactly the context
+        meta.decode_bias = visibility_bias(meta.decode_context_lens, meta.decode_ctx_len, window)

@@ -98,7 +98,8 @@ class Harness:
         mask = pos[None, :] <= last
         if self.window:
             mask &= pos[None, :] > last - self.window
-        meta.decode_mask = mask[:, None, None, :]
+        bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+        meta.decode_bias = bias[:, None, None, :]
 
     def _reference(self, q: torch.Tensor, seq: Seq, layer: int) -> torch.Tensor:
         p = seq.num_computed_tokens

@@ -82,24 +82,35 @@ def paged_attention(
 
 
 def _decode(q: torch.Tensor, k_cache, v_cache, meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
-    """q [nd, H, D] -> out [nd, KVH, group, D] for the decode rows."""
+    """q [nd, H, D] -> out [nd, KVH, group, D] for the decode rows, over their blocks gathered from the pool."""
     nd, num_kv_heads, group, head_dim = out.shape
     blocks = meta.decode_block_tables.view(-1)
     ctx = meta.decode_ctx_len
     kd = k_cache.index_select(1, blocks).view(num_kv_heads, nd, -1, head_dim)[:, :, :ctx]  # [KVH, nd, ctx, D]
     vd = v_cache.index_select(1, blocks).view(num_kv_heads, nd, -1, head_dim)[:, :, :ctx]
-    qd = q.view(nd, num_kv_heads, group, head_dim).transpose(0, 1)  # [KVH, nd, group, D]
-    scores = torch.matmul(qd, kd.transpose(-1, -2)).float().mul_(scale)  # [KVH, nd, group, ctx]
-    if meta.decode_mask is not None:
-        if meta.decode_bias is None:  # built by the first layer, shared by the rest
-            meta.decode_bias = (
-                torch.zeros(meta.decode_mask.shape, device=q.device)
-                .masked_fill_(meta.decode_mask.logical_not(), float("-inf"))
-                .view(1, nd, 1, ctx)
-            )
-        scores += meta.decode_bias
-    probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    out.copy_(torch.matmul(probs, vd).transpose(0, 1))
+    bias = None if meta.decode_bias is None else meta.decode_bias.transpose(0, 1)  # the gather is head-major
+    attend(q.view(nd, num_kv_heads, group, head_dim).transpose(0, 1), kd, vd, scale, bias, out.transpose(0, 1))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias, out: torch.Tensor) -> None:
+    """out = softmax(q k^T * scale + bias) v, the softmax in fp32. q, out [..., group, D]; k, v [..., ctx, D];
+    bias broadcasts to [..., group, ctx] (fp32, 0 or -inf) or is None."""
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    scores = scores.float() * scale if bias is None else torch.add(bias, scores, alpha=scale)
+    out.copy_(torch.matmul(torch.softmax(scores, dim=-1).to(q.dtype), v))
+
+
+def visibility_bias(lens: torch.Tensor, width: int, window: int | None) -> torch.Tensor | None:
+    """[n, 1, 1, width] fp32 for n decode rows with contexts of lens[i] tokens (the new one included): 0 where
+    key j is visible (j < lens[i], and inside the sliding window), -inf elsewhere; None when all are visible."""
+    pos = torch.arange(width, device=lens.device)
+    hidden = pos[None, :] >= lens[:, None]
+    if window:
+        hidden |= pos[None, :] <= (lens - 1 - window)[:, None]
+    if not bool(hidden.any()):
+        return None
+    bias = torch.zeros(hidden.shape, device=lens.device).masked_fill_(hidden, float("-inf"))
+    return bias.view(len(lens), 1, 1, width)
 
 
 def _prefill_batch(q, k, v, pb, scale: float, out: torch.Tensor) -> None:

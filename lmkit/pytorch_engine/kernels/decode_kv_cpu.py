@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from lmkit.pytorch_engine.kernels.attention_cpu import attend, visibility_bias
+
 _CAP_STEP = 32  # the rows' token capacity moves in steps of this many tokens
 _ROW_STEP = 8  # and their count in steps of this many rows
 
@@ -68,7 +70,7 @@ class DecodeKV:
             self.clear()
             return None
         self._fill([r for r, s in enumerate(self.seqs) if self.filled[r] != s.num_computed_tokens])
-        self.filled = [n for n in lens]
+        self.filled = list(lens)
         self._step_tensors(lens, sliding_window)
         index = {id(s): i for i, s in enumerate(seqs)}
         return [index[id(s)] for s in self.seqs]
@@ -80,10 +82,7 @@ class DecodeKV:
         kw, vw = self.k[layer], self.v[layer]
         kw.view(-1, d).index_copy_(0, self.append_index, k.reshape(-1, d))
         vw.view(-1, d).index_copy_(0, self.append_index, v.reshape(-1, d))
-        scores = torch.matmul(q.view(n, kvh, -1, d), kw[:n].transpose(-1, -2))  # [n, KVH, group, capacity]
-        scores = scores.float() * scale if self.bias is None else torch.add(self.bias, scores, alpha=scale)
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        out.copy_(torch.matmul(probs, vw[:n]))
+        attend(q.view(n, kvh, -1, d), kw[:n], vw[:n], scale, self.bias, out)
 
     def _reserve(self, rows: int, capacity: int) -> bool:
         row_capacity = self.k[0].shape[0] if self.k else 0
@@ -96,18 +95,16 @@ class DecodeKV:
         nbytes = 2 * len(self.pools) * new_rows * self.num_kv_heads * new_capacity * self.head_dim * k0.element_size()
         if nbytes > self.max_bytes:
             return False
-        keep_rows, keep_tokens = min(row_capacity, new_rows), min(self.capacity, new_capacity)
         shape = (new_rows, self.num_kv_heads, new_capacity, self.head_dim)
+        keep = (slice(min(row_capacity, new_rows)), slice(None), slice(min(self.capacity, new_capacity)))
         for rows_of in (self.k, self.v):
-            for i, old in enumerate(rows_of or [None] * len(self.pools)):
+            if not rows_of:
+                rows_of.extend([None] * len(self.pools))
+            for i, old in enumerate(rows_of):  # one layer at a time, so old and new never all coexist
                 # zeros, not empty: masked positions are multiplied by 0 and must not hold NaN/inf bit patterns
-                new = torch.zeros(shape, dtype=k0.dtype, device=k0.device)
+                rows_of[i] = torch.zeros(shape, dtype=k0.dtype, device=k0.device)
                 if old is not None:
-                    new[:keep_rows, :, :keep_tokens] = old[:keep_rows, :, :keep_tokens]
-                if i < len(rows_of):
-                    rows_of[i] = new
-                else:
-                    rows_of.append(new)
+                    rows_of[i][keep] = old[keep]
         self.capacity = new_capacity
         return True
 
@@ -137,12 +134,4 @@ class DecodeKV:
         rows = torch.arange(len(lens), dtype=torch.long)
         heads = torch.arange(kvh, dtype=torch.long)
         self.append_index = ((rows[:, None] * kvh + heads[None, :]) * cap + (lens_t - 1)[:, None]).view(-1)
-        pos = torch.arange(cap, dtype=torch.long)
-        hidden = pos[None, :] >= lens_t[:, None]
-        if sliding_window:
-            hidden |= pos[None, :] <= (lens_t - 1 - sliding_window)[:, None]
-        if not bool(hidden.any()):
-            self.bias = None
-            return
-        bias = torch.zeros(hidden.shape, dtype=torch.float32).masked_fill_(hidden, float("-inf"))
-        self.bias = bias.view(len(lens), 1, 1, cap)
+        self.bias = visibility_bias(lens_t, cap, sliding_window)

@@ -48,10 +48,9 @@ class AttentionMetadata:
     """[num_decode] long: tokens in each decode sequence's context, the new one included."""
     decode_ctx_len: int = 0
     """Context positions the decode attention reads: max_blocks * block_size, or less when no mask is needed."""
-    decode_mask: torch.Tensor | None = None
-    """[num_decode, 1, 1, decode_ctx_len] bool (True = attend); None when every position is visible."""
     decode_bias: torch.Tensor | None = None
-    """decode_mask as an additive fp32 bias (0 / -inf), made from it by the CPU kernels at their first layer."""
+    """[num_decode, 1, 1, decode_ctx_len] fp32, 0 where a key is visible and -inf where not; None when every
+    position is visible (CPU; attention_cpu.visibility_bias)."""
     decode_window: object | None = None
     """CPU: the DecodeKV (kernels/decode_kv_cpu.py) whose dense rows hold the decode rows' KV, prepared for
     this step; decode attention then reads those rows instead of the block tables."""
