@@ -11,19 +11,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-import triton.testing
+from gpu_timing import median_us
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-
-
-def median_us(run, ws: list[torch.Tensor]) -> float:
-    state = {"i": 0}
-
-    def call() -> None:
-        state["i"] += 1
-        run(ws[state["i"] % len(ws)])
-
-    return triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median") * 1e3
 
 
 def split_k(x: torch.Tensor, w: torch.Tensor, s: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import torch
-import triton.testing
+from gpu_timing import median_us
 from torch.utils.cpp_extension import load_inline
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,17 +43,6 @@ def build(unroll: int):
         extra_cuda_cflags=["-O3", "-std=c++17", f"-DTURBO_GEMV_UNROLL={unroll}"],
         build_directory=str(Path("/tmp") / f"turbo_gemv_u{unroll}"),
     )
-
-
-def median_us(run, ws: list[torch.Tensor]) -> float:
-    """Median microseconds of run(w), w rotating over ws."""
-    state = {"i": 0}
-
-    def call() -> None:
-        state["i"] += 1
-        run(ws[state["i"] % len(ws)])
-
-    return triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median") * 1e3
 
 
 def main() -> None:
