@@ -48,6 +48,26 @@ __global__ void fused_add_rms_norm_kernel(T* __restrict__ x, int64_t x_stride, T
 
 // 16-byte vector variants (rows 16-byte aligned, hidden a multiple of VEC): each thread keeps NV vectors of its
 // row in registers between the statistics and the output, so x and residual are read once. Same rounding as above.
+
+// out[idx] = weight * (v * r) for the NV vectors a thread holds, r = 1 / rms of the row.
+template <typename T, int NV>
+__device__ __forceinline__ void write_normed(uint4* out, const Vec16<T> (&v)[NV], const T* __restrict__ weight,
+                                             int nvec, float r) {
+    constexpr int VEC = Vec16<T>::VEC;
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+        const int idx = threadIdx.x + j * blockDim.x;
+        if (idx < nvec) {
+            Vec16<T> w, o;
+            w.raw = __ldg(reinterpret_cast<const uint4*>(weight) + idx);
+#pragma unroll
+            for (int i = 0; i < VEC; ++i)
+                o.v[i] = from_float<T>(to_float<T>(w.v[i]) * round_to<T>(to_float<T>(v[j].v[i]) * r));
+            out[idx] = o.raw;
+        }
+    }
+}
+
 template <typename T, int NV>
 __global__ void rms_norm_vec_kernel(T* __restrict__ out, int64_t out_stride, const T* __restrict__ x,
                                     int64_t x_stride, const T* __restrict__ weight, int hidden, float eps) {
@@ -70,20 +90,7 @@ __global__ void rms_norm_vec_kernel(T* __restrict__ out, int64_t out_stride, con
             }
         }
     }
-    ss = block_sum(ss, red);
-    const float r = rsqrtf(ss / hidden + eps);
-#pragma unroll
-    for (int j = 0; j < NV; ++j) {
-        const int idx = threadIdx.x + j * blockDim.x;
-        if (idx < nvec) {
-            Vec16<T> w, o;
-            w.raw = __ldg(reinterpret_cast<const uint4*>(weight) + idx);
-#pragma unroll
-            for (int i = 0; i < VEC; ++i)
-                o.v[i] = from_float<T>(to_float<T>(w.v[i]) * round_to<T>(to_float<T>(v[j].v[i]) * r));
-            orow[idx] = o.raw;
-        }
-    }
+    write_normed<T, NV>(orow, v, weight, nvec, rsqrtf(block_sum(ss, red) / hidden + eps));
 }
 
 template <typename T, int NV>
@@ -113,20 +120,7 @@ __global__ void fused_add_rms_norm_vec_kernel(T* __restrict__ x, int64_t x_strid
             rr[idx] = v[j].raw;
         }
     }
-    ss = block_sum(ss, red);
-    const float r = rsqrtf(ss / hidden + eps);
-#pragma unroll
-    for (int j = 0; j < NV; ++j) {
-        const int idx = threadIdx.x + j * blockDim.x;
-        if (idx < nvec) {
-            Vec16<T> w, o;
-            w.raw = __ldg(reinterpret_cast<const uint4*>(weight) + idx);
-#pragma unroll
-            for (int i = 0; i < VEC; ++i)
-                o.v[i] = from_float<T>(to_float<T>(w.v[i]) * round_to<T>(to_float<T>(v[j].v[i]) * r));
-            xr[idx] = o.raw;
-        }
-    }
+    write_normed<T, NV>(xr, v, weight, nvec, rsqrtf(block_sum(ss, red) / hidden + eps));
 }
 
 constexpr int kNormMaxThreads = 512;
