@@ -116,13 +116,16 @@ def prompts(vocab: int, lens=(5, 19, 40, 71)) -> list[list[int]]:
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
 
 
+def fp32_against_hf(path: Path):
+    """turbo's model and HF's on the GPU in fp32, and four prompts of mixed lengths."""
+    model, spec = turbo_model(path, torch.float32)
+    return model, hf_model(path), prompts(spec.vocab_size)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_logits_match_hf_prefill_then_decode(kind, gpu_model_dir):
     """A mixed batch (prefill chunks) then a decode-only step (split-K kernel), fp32, against HF on the GPU."""
-    path = gpu_model_dir(kind)
-    model, spec = turbo_model(path, torch.float32)
-    hf = hf_model(path)
-    seqs = prompts(spec.vocab_size)
+    model, hf, seqs = fp32_against_hf(gpu_model_dir(kind))
     with torch.no_grad():
         first = forward(model, [s[:-1] for s in seqs], [0] * len(seqs), 8)  # prefill all but the last token
         last = forward(model, seqs, [len(s) - 1 for s in seqs], 8)  # decode-only: one token each
@@ -269,10 +272,7 @@ def test_engine_llama3_8b_shape_bf16_runs(llama3_8b_2layers):
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_mixed_batch_split_attention_matches_hf(kind, gpu_model_dir):
     """Leading decode rows (split-K decode kernel) and prefill rows (prefill kernel) of one step, against HF."""
-    path = gpu_model_dir(kind)
-    model, spec = turbo_model(path, torch.float32)
-    hf = hf_model(path)
-    seqs = prompts(spec.vocab_size)
+    model, hf, seqs = fp32_against_hf(gpu_model_dir(kind))
     with torch.no_grad():
         forward(model, [s[:-1] for s in seqs[:2]], [0, 0], 8)
         mixed = forward(model, seqs, [len(seqs[0]) - 1, len(seqs[1]) - 1, 0, 0], 8)
