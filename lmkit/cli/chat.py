@@ -23,7 +23,9 @@ _ENGINE_FLAGS = {
     "device": "device",
     "dtype": "dtype",
     "num_blocks": "num_blocks",
+    "eager_mode": "eager_mode",
 }
+EAGER_MODE_HELP = "pytorch engine: no CUDA graphs (GPU), no torch.compile of the decode step (CPU)"
 _GEN_FLAGS = ["temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "seed"]
 
 
@@ -57,6 +59,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="compute dtype")
     g.add_argument("--num-blocks", type=int, help="exact number of KV blocks (overrides --cache-max-entry-count)")
     g.add_argument("--adapters", nargs="+", metavar="NAME=PATH", help="LoRA adapters to load (pytorch engine)")
+    g.add_argument("--eager-mode", action="store_true", default=None, help=EAGER_MODE_HELP)
 
 
 def add_chat_parser(subparsers) -> argparse.ArgumentParser:

@@ -112,7 +112,7 @@ class PytorchEngine:
             self.dtype,
             max_batch_size=config.max_batch_size,
             max_model_len=min(self.session_len, num_blocks * block_size),
-            use_cuda_graphs=not config.eager_mode,
+            eager=config.eager_mode,
         )
         return num_blocks
 
@@ -192,6 +192,10 @@ class PytorchEngine:
 
     # ---- the loop ----
     def _loop(self) -> None:
+        try:
+            self.runner.warm_up()  # requests that arrive meanwhile wait in the inbox
+        except Exception as e:
+            print(f"[lmkit] decode warm-up failed ({type(e).__name__}: {e}); serving anyway", file=sys.stderr)
         with torch.inference_mode():
             while self._admit(block=not self.scheduler.has_work()):
                 if self.scheduler.has_work():

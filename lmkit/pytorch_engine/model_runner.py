@@ -9,6 +9,9 @@ A chunk of one token is a decode in all but name, so it joins the batched decode
 
 from __future__ import annotations
 
+import sys
+import time
+
 import torch
 
 from lmkit.model.spec import ModelSpec
@@ -37,12 +40,14 @@ class ModelRunner:
         dtype: torch.dtype,
         max_batch_size: int = 256,
         max_model_len: int = 4096,
-        use_cuda_graphs: bool = True,
+        eager: bool = False,
     ) -> None:
+        """eager: no CUDA graphs (GPU), no compiled decode layers (CPU)."""
         self.spec = spec
         self.device = device
         self.block_size = block_size
-        self.model = LlamaForCausalLM(spec, weights, device, dtype)
+        compile_decode = device.type == "cpu" and not eager
+        self.model = LlamaForCausalLM(spec, weights, device, dtype, compile_decode=compile_decode)
         pool = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim, dtype, device)
         allocate = self.model.kernels.allocate_kv_cache  # the layout is the kernels' choice
         self.kv_caches = [(allocate(*pool), allocate(*pool)) for _ in range(spec.num_layers)]
@@ -53,9 +58,29 @@ class ModelRunner:
             pool_bytes = sum(k.nbytes + v.nbytes for k, v in self.kv_caches)
             self.decode_kv = DecodeKV(self.kv_caches, block_size, max_bytes=pool_bytes // 2)
         self.graphs: DecodeGraphs | None = None
-        if device.type == "cuda" and use_cuda_graphs:
+        if device.type == "cuda" and not eager:
             max_blocks = -(-max_model_len // block_size)
             self.graphs = DecodeGraphs(self.model, self.kv_caches, max_batch_size, max_blocks, meta_window(spec))
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Compile the CPU decode step before the first request: its graphs for one sequence and for several
+        (torch.compile specializes a batch of 1). Two fake decode steps write into block 0, which holds nothing
+        yet; their dense rows are dropped."""
+        if not self.model.compiles_decode:
+            return
+        print(
+            "[lmkit] compiling the decode step (torch.compile; --eager-mode skips it) ...", file=sys.stderr, flush=True
+        )
+        start = time.perf_counter()
+        for n in (1, 2):
+            batch = ScheduledBatch()
+            for i in range(n):
+                batch.seqs.append(Sequence(f"warm-up-{i}", [0, 0], num_computed_tokens=1, block_table=[0, 0]))
+                batch.num_new_tokens.append(1)
+            self.run(batch)
+        self.decode_kv.clear()
+        print(f"[lmkit] decode step compiled in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:

@@ -1,5 +1,6 @@
 """Model forward over the paged cache vs HF transformers (fp32), through every attention path:
-whole-prompt prefill, prefill chunks over a cached context, and batched decode with padded contexts."""
+whole-prompt prefill, prefill chunks over a cached context, and batched decode with padded contexts, the
+decode-only steps both compiled (the default on CPU) and eager."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from lmkit.pytorch_engine.scheduler import ScheduledBatch
 from lmkit.pytorch_engine.sequence import Sequence
 
 BS = 4
+NUM_BLOCKS = 512  # enough for the decode batch's dense KV rows (at most half the pool)
 
 
 @pytest.fixture(scope="module")
@@ -29,18 +31,19 @@ def windowed_mistral_dir(tmp_path_factory):
     return path
 
 
+@pytest.mark.parametrize("eager", [False, True], ids=["compiled", "eager"])
 @pytest.mark.parametrize("kind", ["llama", "llama31", "qwen2", "qwen3", "mistral", "mistral-window"])
-def test_logits_match_hf(kind, tiny_model_dir, request, monkeypatch):
+def test_logits_match_hf(kind, eager, tiny_model_dir, request, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     path = request.getfixturevalue("windowed_mistral_dir") if kind == "mistral-window" else tiny_model_dir(kind)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     loaded = load_model(path)
     assert (loaded.spec.sliding_window is not None) == (kind == "mistral-window")
-    runner = ModelRunner(loaded.spec, loaded.weights, 128, BS, torch.device("cpu"), torch.float32)
-    bm = BlockManager(128, BS)
+    runner = ModelRunner(loaded.spec, loaded.weights, NUM_BLOCKS, BS, torch.device("cpu"), torch.float32, eager=eager)
+    bm = BlockManager(NUM_BLOCKS, BS)
     gen = torch.Generator().manual_seed(1)
-    # Sequence a: prefilled in two chunks (the second over a cached context), then decoded.
+    # Sequence a: prefilled in two chunks (the second over a cached context), decoded, then one more chunk.
     # Sequences b and c: prefilled whole (one padded batch) while a decodes, then decoded alongside a
     # (contexts of different lengths).
     texts = {name: torch.randint(0, 320, (n,), generator=gen) for name, n in [("a", 90), ("b", 70), ("c", 66)]}
@@ -48,6 +51,8 @@ def test_logits_match_hf(kind, tiny_model_dir, request, monkeypatch):
         refs = {k: hf(v[None]).logits[0] for k, v in texts.items()}
     plan = [{"a": (13, 13)}, {"a": (40, 27)}, {"a": (41, 1), "b": (50, 50), "c": (46, 46)}]
     plan += [{"a": (41 + i, 1), "b": (50 + i, 1), "c": (46 + i, 1)} for i in range(1, 20)]
+    # Then a chunk of a over its cached context, which the decode steps wrote, while b and c decode.
+    plan += [{"a": (90, 30), "b": (70, 1), "c": (66, 1)}]
     seqs = {k: Sequence(k, []) for k in texts}
     batched = []
     real_prefill_batch = attention_cpu._prefill_batch
@@ -68,5 +73,6 @@ def test_logits_match_hf(kind, tiny_model_dir, request, monkeypatch):
         for s, n in zip(batch.seqs, batch.num_new_tokens):
             s.num_computed_tokens += n
     assert worst < 1e-4
+    assert runner.model.compiles_decode == (not eager) and runner.model._compiled_once == (not eager)
     if kind != "mistral-window":  # chunks longer than the window read the cache with a window mask
         assert batched, "b and c should have been prefilled as one padded batch"

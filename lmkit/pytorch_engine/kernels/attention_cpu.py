@@ -52,9 +52,7 @@ def paged_attention(
     out = torch.empty_like(q)
     nd = meta.num_decode
     if nd and meta.decode_window is not None:
-        meta.decode_window.attend(
-            q[:nd], k[:nd], v[:nd], k_cache, scale, out[:nd].view(nd, num_kv_heads, group, head_dim)
-        )
+        out[:nd] = meta.decode_window.attend(q[:nd], k[:nd], v[:nd], k_cache, scale).view(nd, -1, head_dim)
     elif nd:
         _decode(q[:nd], k_cache, v_cache, meta, scale, out[:nd].view(nd, num_kv_heads, group, head_dim))
     if meta.prefill_batch is not None:
@@ -89,15 +87,15 @@ def _decode(q: torch.Tensor, k_cache, v_cache, meta: AttentionMetadata, scale: f
     kd = k_cache.index_select(1, blocks).view(num_kv_heads, nd, -1, head_dim)[:, :, :ctx]  # [KVH, nd, ctx, D]
     vd = v_cache.index_select(1, blocks).view(num_kv_heads, nd, -1, head_dim)[:, :, :ctx]
     bias = None if meta.decode_bias is None else meta.decode_bias.transpose(0, 1)  # the gather is head-major
-    attend(q.view(nd, num_kv_heads, group, head_dim).transpose(0, 1), kd, vd, scale, bias, out.transpose(0, 1))
+    out.transpose(0, 1).copy_(attend(q.view(nd, num_kv_heads, group, head_dim).transpose(0, 1), kd, vd, scale, bias))
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias, out: torch.Tensor) -> None:
-    """out = softmax(q k^T * scale + bias) v, the softmax in fp32. q, out [..., group, D]; k, v [..., ctx, D];
-    bias broadcasts to [..., group, ctx] (fp32, 0 or -inf) or is None."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v, the softmax in fp32. q [..., group, D]; k, v [..., ctx, D]; bias
+    broadcasts to [..., group, ctx] (fp32, 0 or -inf) or is None. Returns [..., group, D]."""
     scores = torch.matmul(q, k.transpose(-1, -2))
     scores = scores.float() * scale if bias is None else torch.add(bias, scores, alpha=scale)
-    out.copy_(torch.matmul(torch.softmax(scores, dim=-1).to(q.dtype), v))
+    return torch.matmul(torch.softmax(scores, dim=-1).to(q.dtype), v)
 
 
 def visibility_bias(lens: torch.Tensor, width: int, window: int | None) -> torch.Tensor | None:

@@ -12,13 +12,16 @@ head_dim]` per layer, which two batched GEMMs read in place.
 - A sequence that leaves gives its row to the last one, so the batch's rows are always 0..n-1; the runner
   lays out the decode tokens in row order.
 - Rows hold at most `max_bytes`; a batch that needs more reads the paged pool instead (`prepare` returns None).
+
+A step that mixes decode rows and prefill chunks calls `DecodeKV.attend` from the paged attention; a decode-only
+step runs `decode_attention` inside the model's compiled layer (models/llama.py), with the layer's rows passed in.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lmkit.pytorch_engine.kernels.attention_cpu import attend, visibility_bias
+from lmkit.pytorch_engine.kernels.attention_cpu import attend, visibility_bias, write_kv
 
 _CAP_STEP = 32  # the rows' token capacity moves in steps of this many tokens
 _ROW_STEP = 8  # and their count in steps of this many rows
@@ -39,7 +42,7 @@ class DecodeKV:
         self.capacity = 0
         # This step's: flat positions of the new tokens in a layer's rows, and the additive mask.
         self.append_index: torch.Tensor | None = None  # [rows * num_kv_heads] long
-        self.bias: torch.Tensor | None = None  # [rows, 1, 1, capacity] fp32, 0 or -inf; None = all visible
+        self.bias: torch.Tensor | None = None  # [rows, 1, 1, capacity] fp32, 0 or -inf
 
     def clear(self) -> None:
         self.seqs, self.filled, self.k, self.v, self.capacity = [], [], [], [], 0
@@ -75,14 +78,13 @@ class DecodeKV:
         index = {id(s): i for i, s in enumerate(seqs)}
         return [index[id(s)] for s in self.seqs]
 
-    def attend(self, q, k, v, k_pool: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+    def attend(self, q, k, v, k_pool: torch.Tensor, scale: float) -> torch.Tensor:
         """Append the decode rows' k, v [n, KVH, D] to their rows, then q [n, H, D] -> out [n, KVH, group, D]."""
-        layer = self.layer_of[k_pool.data_ptr()]
-        n, kvh, d = k.shape
-        kw, vw = self.k[layer], self.v[layer]
-        kw.view(-1, d).index_copy_(0, self.append_index, k.reshape(-1, d))
-        vw.view(-1, d).index_copy_(0, self.append_index, v.reshape(-1, d))
-        attend(q.view(n, kvh, -1, d), kw[:n], vw[:n], scale, self.bias, out)
+        return _append_and_attend(q, k, v, *self.layer_inputs(self.layer_of[k_pool.data_ptr()]), scale)
+
+    def layer_inputs(self, layer: int) -> tuple:
+        """What `decode_attention` needs of this step's rows in `layer`, after the pool's arguments."""
+        return self.k[layer], self.v[layer], self.append_index, self.bias
 
     def _reserve(self, rows: int, capacity: int) -> bool:
         row_capacity = self.k[0].shape[0] if self.k else 0
@@ -103,6 +105,8 @@ class DecodeKV:
             for i, old in enumerate(rows_of):  # one layer at a time, so old and new never all coexist
                 # zeros, not empty: masked positions are multiplied by 0 and must not hold NaN/inf bit patterns
                 rows_of[i] = torch.zeros(shape, dtype=k0.dtype, device=k0.device)
+                torch._dynamo.maybe_mark_dynamic(rows_of[i], 0)  # one compiled graph for every shape of rows
+                torch._dynamo.maybe_mark_dynamic(rows_of[i], 2)
                 if old is not None:
                     rows_of[i][keep] = old[keep]
         self.capacity = new_capacity
@@ -134,4 +138,23 @@ class DecodeKV:
         rows = torch.arange(len(lens), dtype=torch.long)
         heads = torch.arange(kvh, dtype=torch.long)
         self.append_index = ((rows[:, None] * kvh + heads[None, :]) * cap + (lens_t - 1)[:, None]).view(-1)
-        self.bias = visibility_bias(lens_t, cap, sliding_window)
+        bias = visibility_bias(lens_t, cap, sliding_window)
+        # Always a tensor, so one compiled graph serves every step.
+        self.bias = torch.zeros(len(lens), 1, 1, cap) if bias is None else bias
+        torch._dynamo.maybe_mark_dynamic(self.append_index, 0)
+        torch._dynamo.maybe_mark_dynamic(self.bias, 0)
+        torch._dynamo.maybe_mark_dynamic(self.bias, 3)
+
+
+def decode_attention(q, k, v, k_pool, v_pool, slot_mapping, k_rows, v_rows, append_index, bias, scale: float):
+    """One layer's attention in a decode-only step: store k, v [n, KVH, D] in the pool and in the dense rows,
+    then q [n, H, D] -> [n, KVH, group, D] over the rows. Plain tensor ops, so `torch.compile` fuses them."""
+    write_kv(k, v, k_pool, v_pool, slot_mapping)
+    return _append_and_attend(q, k, v, k_rows, v_rows, append_index, bias, scale)
+
+
+def _append_and_attend(q, k, v, k_rows, v_rows, append_index, bias, scale: float) -> torch.Tensor:
+    n, kvh, d = k.shape
+    k_rows.view(-1, d).index_copy_(0, append_index, k.reshape(-1, d))
+    v_rows.view(-1, d).index_copy_(0, append_index, v.reshape(-1, d))
+    return attend(q.reshape(n, kvh, -1, d), k_rows[:n], v_rows[:n], scale, bias)

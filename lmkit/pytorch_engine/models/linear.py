@@ -9,6 +9,9 @@ built without oneDNN) the layer is a plain `F.linear`.
 oneDNN builds (JIT-compiles) and caches one kernel per input shape, about 0.7 MiB each; with a row count
 that changes every step that cache grows by hundreds of MiB. So the rows are bounded to a few shapes: up to
 16 exactly, then padded to a multiple of 16, and inputs over 256 rows run in 256-row pieces.
+
+Under `torch.compile` the packed GEMMs are the opaque ops `lmkit::packed_linear` and `lmkit::packed_linear_add`
+(Inductor lowers oneDNN's own linear op only for weights it has frozen as constants itself).
 """
 
 from __future__ import annotations
@@ -35,6 +38,46 @@ def packs_on(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    rows = x.shape[0]
+    if rows > _MAX_ROWS:
+        return torch.cat([_packed_linear(x[i : i + _MAX_ROWS], weight, bias) for i in range(0, rows, _MAX_ROWS)])
+    padded = padded_rows(rows)
+    if padded != rows:
+        x = torch.cat([x, x.new_zeros(padded - rows, x.shape[1])])
+    y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+    return y if padded == rows else y[:rows]
+
+
+def _packed_linear_add(x: torch.Tensor, residual: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
+    rows = x.shape[0]
+    if rows <= _MAX_ROWS and padded_rows(rows) == rows:
+        return torch.ops.mkldnn._linear_pointwise.binary(x.contiguous(), residual, weight, bias, "add")
+    return residual + _packed_linear(x, weight, bias)
+
+
+@torch.library.custom_op("lmkit::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _packed_linear(x, weight, bias)
+
+
+@packed_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("lmkit::packed_linear_add", mutates_args=())
+def packed_linear_add(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return _packed_linear_add(x, residual, weight, bias)
+
+
+@packed_linear_add.register_fake
+def _(x, residual, weight, bias):
+    return torch.empty_like(residual)
+
+
 class Linear:
     """y = x @ weight.T (+ bias) (+ a residual). x is [rows, in], contiguous."""
 
@@ -52,18 +95,14 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.packed:
             return F.linear(x, self.weight, self.bias)
-        rows = x.shape[0]
-        if rows > _MAX_ROWS:
-            return torch.cat([self(x[i : i + _MAX_ROWS]) for i in range(0, rows, _MAX_ROWS)])
-        padded = padded_rows(rows)
-        if padded != rows:
-            x = torch.cat([x, x.new_zeros(padded - rows, x.shape[1])])
-        y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias, "none", [], "")
-        return y if padded == rows else y[:rows]
+        if torch.compiler.is_compiling():
+            return packed_linear(x, self.weight, self.bias)
+        return _packed_linear(x, self.weight, self.bias)  # eager: without the op's dispatch
 
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """x @ weight.T (+ bias) + residual, as one fused op where the backend has one."""
-        rows = x.shape[0]
-        if self.packed and rows <= _MAX_ROWS and padded_rows(rows) == rows:
-            return torch.ops.mkldnn._linear_pointwise.binary(x.contiguous(), residual, self.weight, self.bias, "add")
-        return residual + self(x)
+        if not self.packed:
+            return residual + F.linear(x, self.weight, self.bias)
+        if torch.compiler.is_compiling():
+            return packed_linear_add(x, residual, self.weight, self.bias)
+        return _packed_linear_add(x, residual, self.weight, self.bias)

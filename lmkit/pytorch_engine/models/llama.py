@@ -7,6 +7,7 @@ prefill chunks together) and returns logits only for the rows that sample.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from lmkit.model.spec import ModelSpec
 from lmkit.pytorch_engine.kernels import AttentionMetadata, attention_backend
+from lmkit.pytorch_engine.kernels.decode_kv_cpu import decode_attention
 from lmkit.pytorch_engine.models.linear import Linear
 from lmkit.pytorch_engine.models.rope import apply_rope, rope_tables
 
@@ -34,9 +36,9 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def rope_at(positions: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor):
-    cos, sin_signed = cos[positions].unsqueeze(1), sin_signed[positions].unsqueeze(1)
-    return lambda qk: apply_rope(qk, cos, sin_signed)
+def rope_inputs(positions: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The step's rotary inputs for `apply_rope`: the tables' rows at the positions, [T, 1, head_dim] each."""
+    return cos[positions].unsqueeze(1), sin_signed[positions].unsqueeze(1)
 
 
 @dataclass(slots=True)
@@ -51,7 +53,15 @@ class LayerWeights:
 
 
 class LlamaForCausalLM:
-    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        weights: dict[str, torch.Tensor],
+        device: torch.device,
+        dtype: torch.dtype,
+        compile_decode: bool = False,
+    ):
+        """compile_decode: run decode-only steps over dense KV rows (CPU) through `torch.compile`d layers."""
         self.spec = spec
         self.device = device
         self.kernels = attention_backend(device)
@@ -63,13 +73,20 @@ class LlamaForCausalLM:
         # Tied to the embedding or not, the LM head gets its own (on CPU, packed) copy of the weight.
         self.lm_head = Linear(self.embed if spec.tie_word_embeddings else w("lm_head.weight"))
         self.norm = w("model.norm.weight")
-        self.layers = [self._layer(w, f"model.layers.{i}.") for i in range(spec.num_layers)]
+        self.layers = [self._layer_weights(w, f"model.layers.{i}.") for i in range(spec.num_layers)]
         cos, sin = rope_tables(spec, spec.max_position_embeddings)
         self.rope_cos, self.rope_sin = cos.to(device, dtype), sin.to(device, dtype)
         self.scale = spec.head_dim**-0.5
         self.ops = DecoderOps.for_device(device, dtype)
+        self._compiled_layer = torch.compile(self._layer) if compile_decode else None
+        self._compiled_once = False
 
-    def _layer(self, w, p: str) -> LayerWeights:
+    @property
+    def compiles_decode(self) -> bool:
+        """Whether decode-only steps over dense KV rows run through the compiled layer (else eagerly)."""
+        return self._compiled_layer is not None
+
+    def _layer_weights(self, w, p: str) -> LayerWeights:
         spec = self.spec
         attn = p + "self_attn."
         qk_norm = None
@@ -98,29 +115,62 @@ class LlamaForCausalLM:
         logits_indices: torch.Tensor,
     ) -> torch.Tensor:
         """input_ids, positions [T] -> logits [len(logits_indices), vocab] of the rows that sample."""
-        eps = self.spec.rms_norm_eps
-        norm, ops = self.ops.rms_norm, self.ops
-        rope = ops.rope_at(positions, self.rope_cos, self.rope_sin)
+        rope = self.ops.rope_inputs(positions, self.rope_cos, self.rope_sin)
         h = F.embedding(input_ids, self.embed)
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            attn = self._attention(norm(h, layer.input_norm, eps), layer, rope, meta, k_cache, v_cache)
-            h = layer.o.add(attn, h)
-            h = layer.down.add(ops.silu_mul(layer.gate_up(norm(h, layer.post_norm, eps))), h)
-        return self.lm_head(norm(h[logits_indices], self.norm, eps))
+        decode_only = meta.num_decode == input_ids.shape[0]
+        if self._compiled_layer is not None and meta.decode_window is not None and decode_only:
+            h = self._decode_over_rows(h, rope, meta, kv_caches)
+        else:
+            for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+                h = self._layer(h, layer, rope, self._paged_attention, (k_cache, v_cache, meta))
+        return self.lm_head(self.ops.rms_norm(h[logits_indices], self.norm, self.spec.rms_norm_eps))
 
-    def _attention(self, x, layer: LayerWeights, rope, meta, k_cache, v_cache) -> torch.Tensor:
-        spec = self.spec
-        t, nh, nkv, hd = x.shape[0], spec.num_heads, spec.num_kv_heads, spec.head_dim
-        qkv = layer.qkv(x)
+    def _decode_over_rows(self, h, rope, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
+        """A decode-only step over the dense KV rows (CPU), each layer through the compiled `_layer`.
+
+        If the first compilation fails (no C++ compiler, say), decode steps run eagerly from then on. The retry
+        is exact: the layers that ran wrote the same keys and values to the same places as the eager run will."""
+        mark_batch_dynamic(h, *rope, meta.slot_mapping)
+        try:
+            out = self._layers_over_rows(self._compiled_layer, h, rope, meta, kv_caches)
+        except Exception as e:
+            if self._compiled_once:
+                raise
+            print(f"[lmkit] torch.compile of the decode step failed, decoding eagerly: {e!r}", file=sys.stderr)
+            self._compiled_layer = None
+            return self._layers_over_rows(self._layer, h, rope, meta, kv_caches)
+        self._compiled_once = True
+        return out
+
+    def _layers_over_rows(self, layer_fn: Callable, h, rope, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
+            rows = meta.decode_window.layer_inputs(i)
+            h = layer_fn(h, layer, rope, decode_attention, (k_cache, v_cache, meta.slot_mapping, *rows))
+        return h
+
+    def _layer(self, h: torch.Tensor, layer: LayerWeights, rope: tuple, attention: Callable, attn_args: tuple):
+        """One decoder layer: h [T, hidden] -> h. attention(q, k, v, *attn_args) -> [T, ...] of T * q_size."""
+        spec, ops, eps = self.spec, self.ops, self.spec.rms_norm_eps
+        t, nh, nkv, hd = h.shape[0], spec.num_heads, spec.num_kv_heads, spec.head_dim
+        qkv = layer.qkv(ops.rms_norm(h, layer.input_norm, eps))
         qk = qkv[:, : (nh + nkv) * hd].view(t, nh + nkv, hd)
         v = qkv[:, (nh + nkv) * hd :].view(t, nkv, hd)
         if layer.qk_norm is not None:
-            qk = rms_norm(qk, layer.qk_norm, spec.rms_norm_eps)
-        qk = rope(qk)
-        q, k = qk[:, :nh], qk[:, nh:]
+            qk = rms_norm(qk, layer.qk_norm, eps)
+        qk = ops.rope(qk, *rope)
+        attn = attention(qk[:, :nh], qk[:, nh:], v, *attn_args, self.scale)
+        h = layer.o.add(attn.reshape(t, nh * hd), h)
+        return layer.down.add(ops.silu_mul(layer.gate_up(ops.rms_norm(h, layer.post_norm, eps))), h)
+
+    def _paged_attention(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         self.kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = self.kernels.paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
-        return out.reshape(t, nh * hd)
+        return self.kernels.paged_attention(q, k, v, k_cache, v_cache, meta, scale)
+
+
+def mark_batch_dynamic(*tensors: torch.Tensor) -> None:
+    """Let torch.compile treat dim 0 (the batch) of these as dynamic: one graph for every batch size > 1."""
+    for t in tensors:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
 @dataclass(frozen=True)
@@ -131,8 +181,10 @@ class DecoderOps:
 
     rms_norm: Callable = rms_norm
     silu_mul: Callable = silu_mul
-    rope_at: Callable = rope_at
-    """(positions, cos, sin_signed) -> a function that rotates qk [T, heads, head_dim]."""
+    rope_inputs: Callable = rope_inputs
+    """(positions, cos, sin_signed) -> the step's rotary inputs, a tuple of tensors, computed once per step."""
+    rope: Callable = apply_rope
+    """(qk [T, heads, head_dim], *rope_inputs) -> qk rotated."""
 
     @staticmethod
     def for_device(device: torch.device, dtype: torch.dtype) -> DecoderOps:
@@ -142,6 +194,4 @@ class DecoderOps:
             return DecoderOps(rms_norm=rms_norm_fp32_stats)
         from lmkit.pytorch_engine.kernels.triton import fused
 
-        return DecoderOps(
-            fused.rms_norm, fused.silu_mul, lambda pos, cos, sin: lambda qk: fused.rope(qk, pos, cos, sin)
-        )
+        return DecoderOps(fused.rms_norm, fused.silu_mul, lambda pos, cos, sin: (pos, cos, sin), fused.rope)

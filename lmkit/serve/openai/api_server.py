@@ -232,6 +232,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="PyTorch engine: admit new requests every N steps while others decode (throughput over TTFT)",
     )
+    g.add_argument("--eager-mode", action="store_true", help="PyTorch engine: no CUDA graphs, no torch.compile (CPU)")
     g.add_argument("--tp", type=int, default=1)
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="auto")
@@ -254,7 +255,11 @@ def backend_config(args: argparse.Namespace):
         load_format=getattr(args, "load_format", "auto"),
     )
     if args.backend == "pytorch":
-        cfg = PytorchEngineConfig(**common, prefill_interval=getattr(args, "prefill_interval", 1))
+        cfg = PytorchEngineConfig(
+            **common,
+            prefill_interval=getattr(args, "prefill_interval", 1),
+            eager_mode=getattr(args, "eager_mode", False),
+        )
         if args.cache_block_seq_len:
             cfg.block_size = args.cache_block_seq_len
         return cfg
