@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import random
 
 import pytest
 
@@ -18,6 +19,7 @@ def table(strategy: Strategy) -> NodeManager:
 
 @pytest.mark.parametrize("strategy", list(Strategy))
 def test_every_strategy_spreads_a_burst(strategy):
+    random.seed(0)  # the random strategy leaves a node under 5 of 30 picks in about 1 run of 10
     m = table(strategy)
     picked = collections.Counter()
     for _ in range(30):  # a burst: nothing finishes, so queues only grow
