@@ -44,7 +44,11 @@ def main() -> None:
     packed = [[torch.ops.mkldnn._reorder_linear_weight(w, 64) for w in layer] for layer in weights]
     head = (torch.randn(args.vocab, h) * 0.02).to(dtype)
     head_packed = torch.ops.mkldnn._reorder_linear_weight(head, 64)
-    print(f"{args.layers} layers, {args.dtype}, {torch.get_num_threads()} threads")
+    big = torch.ones(2**26)  # 256 MiB: what streaming from memory costs here, for the bandwidth-bound rows
+    read_gb_s = big.nbytes / timed(big.sum, 3) / 1e6
+    weight_mb = sum(w.nbytes for layer in weights for w in layer) / 1e6 + head.nbytes / 1e6
+    print(f"{args.layers} layers, {args.dtype}, {torch.get_num_threads()} threads; {weight_mb:.0f} MB of weights")
+    print(f"memory read bandwidth (sum of 256 MiB): {read_gb_s:.1f} GB/s")
     print("| rows | layers MKL (ms) | layers oneDNN packed (ms) | LM head MKL (ms) | LM head oneDNN packed (ms) |")
     print("|---:|---:|---:|---:|---:|")
     for rows in map(int, args.rows.split(",")):
