@@ -55,6 +55,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
+        "numpy",
         "transformers>=4.46",
         "gguf>=0.10",
         "safetensors",

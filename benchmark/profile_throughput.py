@@ -46,6 +46,14 @@ def run_engine(engine, prompts: list[list[int]], reqs: list[BenchRequest]) -> di
     return {"elapsed_s": elapsed, "output_tokens": generated, "requests": len(reqs)}
 
 
+def warm_up(engine, prompts: list[list[int]], n: int = 64) -> None:
+    """Run n requests shaped like the first n prompts (random tokens: nothing for the prefix cache to reuse), so
+    that kernels compiled on first use of a shape (Triton) are compiled before the timed run."""
+    g = torch.Generator().manual_seed(1)
+    fakes = [torch.randint(0, engine.vocab_size, (len(p),), generator=g).tolist() for p in prompts[:n]]
+    run_engine(engine, fakes, [BenchRequest(None, 0, 8)] * len(fakes))
+
+
 def run_hf(model, prompts: list[list[int]], reqs: list[BenchRequest], batch_size: int, device: str) -> dict:
     """Static batches (left-padded), each generating its longest output; only real tokens are counted."""
     t0 = time.perf_counter()
@@ -117,7 +125,7 @@ def main(argv=None) -> None:
             res = run_hf(load_hf(model_path, args), prompts[:k], reqs[:k], args.hf_batch_size, args.device)
         else:
             engine = make_engine(backend, model_path, args)
-            run_engine(engine, prompts[:2], [BenchRequest(None, 0, 4)] * 2)  # warm-up
+            warm_up(engine, prompts)
             res = run_engine(engine, prompts, reqs)
             engine.shutdown()
             del engine

@@ -15,6 +15,7 @@ import torch
 
 from lmkit.model.spec import ModelSpec
 from lmkit.pytorch_engine.kernels import AttentionMetadata
+from lmkit.pytorch_engine.kernels.metadata import padded_table
 
 _BUCKETS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
 
@@ -46,6 +47,12 @@ class DecodeGraphs:
         self.num_splits = num_decode_splits
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
+
+    def capture_all(self) -> None:
+        """Capture every bucket's graph now, largest first (smaller graphs then reuse its memory pool)."""
+        for b in reversed(self.buckets):
+            if b not in self.graphs:
+                self._capture(b)
 
     def fits(self, n: int) -> bool:
         return n <= self.buckets[-1]
@@ -80,10 +87,9 @@ class DecodeGraphs:
         b = next(x for x in self.buckets if x >= n)
         pad = b - n
         width = max(len(t) for t in tables)
-        rows = [t + [0] * (width - len(t)) for t in tables] + [[0] * width] * pad
         ints = [input_ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad]
         self.ids_pos_slots[:, :b].copy_(torch.tensor(ints), non_blocking=True)
-        self.block_tables[:b, :width].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
+        self.block_tables[:b, :width].copy_(padded_table(tables, width, b), non_blocking=True)
         self.context_lens[:b].copy_(torch.tensor(lens + [1] * pad, dtype=torch.int32), non_blocking=True)
         if b not in self.graphs:
             self._capture(b)

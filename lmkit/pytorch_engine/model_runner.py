@@ -19,6 +19,7 @@ from lmkit.pytorch_engine.cuda_graph import DecodeGraphs, meta_window
 from lmkit.pytorch_engine.kernels import AttentionMetadata, PrefillBatch, PrefillChunk, reads_paged_cache
 from lmkit.pytorch_engine.kernels.attention_cpu import visibility_bias
 from lmkit.pytorch_engine.kernels.decode_kv_cpu import DecodeKV
+from lmkit.pytorch_engine.kernels.metadata import padded_table
 from lmkit.pytorch_engine.models.llama import LlamaForCausalLM
 from lmkit.pytorch_engine.scheduler import ScheduledBatch
 from lmkit.pytorch_engine.sequence import Sequence
@@ -64,9 +65,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Compile the CPU decode step before the first request: its graphs for one sequence and for several
-        (torch.compile specializes a batch of 1). Two fake decode steps write into block 0, which holds nothing
-        yet; their dense rows are dropped."""
+        """Get the decode step ready before the first request: capture every CUDA graph (GPU), or compile the
+        CPU decode step, whose graphs for one sequence and for several (torch.compile specializes a batch of 1)
+        come from two fake decode steps. Those write into block 0, which holds nothing yet; their dense rows are
+        dropped."""
+        if self.graphs is not None:
+            start = time.perf_counter()
+            self.graphs.capture_all()
+            took = time.perf_counter() - start
+            print(f"[lmkit] {len(self.graphs.graphs)} decode CUDA graphs captured in {took:.1f} s", file=sys.stderr)
+            return
         if not self.model.compiles_decode:
             return
         print(
@@ -149,15 +157,11 @@ class ModelRunner:
         dev, i32 = self.device, torch.int32
         if decode_lens:
             width = max(len(t) for t in decode_tables)
-            meta.decode_block_tables = torch.tensor(
-                [t + [0] * (width - len(t)) for t in decode_tables], dtype=i32, device=dev
-            )
+            meta.decode_block_tables = padded_table(decode_tables, width).to(dev)
             meta.decode_context_lens = torch.tensor(decode_lens, dtype=i32, device=dev)
         if chunks:
             width = max(len(t) for t, _, _ in chunks)
-            meta.prefill_block_tables = torch.tensor(
-                [t + [0] * (width - len(t)) for t, _, _ in chunks], dtype=i32, device=dev
-            )
+            meta.prefill_block_tables = padded_table([t for t, _, _ in chunks], width).to(dev)
             cu = [0]
             for _, _, n in chunks:
                 cu.append(cu[-1] + n)
