@@ -115,7 +115,11 @@ def _device(config: EngineConfig | None) -> str:
 
 
 def choose_backend(spec: ModelSpec, backend: str, config: EngineConfig | None) -> str:
-    """The backend to run: `backend` itself, or for "auto" the first of AUTO_ORDER that fits (and why)."""
+    """The backend to run: `backend` itself, or for "auto" the first of AUTO_ORDER that fits (and why). As in
+    LMDeploy, "auto" with a PytorchEngineConfig means the PyTorch engine."""
+    if backend == "auto" and isinstance(config, PytorchEngineConfig):
+        print("[lmkit] backend auto -> pytorch (a PytorchEngineConfig was given)", file=sys.stderr, flush=True)
+        backend = "pytorch"
     if backend != "auto":
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from auto, {', '.join(BACKENDS)}")

@@ -46,6 +46,13 @@ def test_auto_prefers_turbo_when_it_supports_the_model(monkeypatch, capsys):
     assert "cpu only" in capsys.readouterr().err
 
 
+def test_auto_with_a_pytorch_config_means_the_pytorch_engine(monkeypatch, capsys):
+    monkeypatch.setattr(Backend, "load", lambda self: _Supported)
+    assert choose_backend(SPEC, "auto", PytorchEngineConfig(device="cpu")) == "pytorch"
+    assert "PytorchEngineConfig" in capsys.readouterr().err
+    assert choose_backend(SPEC, "turbo", PytorchEngineConfig(device="cpu")) == "turbo"  # an explicit choice stands
+
+
 def test_auto_falls_back_when_turbo_is_missing(monkeypatch):
     def load(self):
         if self.name == "turbo":
