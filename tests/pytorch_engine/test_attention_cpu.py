@@ -138,3 +138,12 @@ def test_rows_refuse_a_batch_over_budget():
     assert h.dkv.prepare(seqs + [long]) is None  # 64 tokens of capacity would not fit
     assert h.dkv.seqs == [] and h.dkv.k == []  # cleared: the runner reads the paged pool this step
     h.step(seqs + [long], use_rows=False)
+
+
+def test_padded_table():
+    from lmkit.pytorch_engine.kernels.metadata import padded_table
+
+    table = padded_table([[3, 1], [], [7, 8, 9]], width=4, num_rows=5)
+    assert table.dtype == torch.int32
+    assert table.tolist() == [[3, 1, 0, 0], [0, 0, 0, 0], [7, 8, 9, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert padded_table([[5]], width=1).tolist() == [[5]]
