@@ -7,6 +7,7 @@ the GIL released.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -242,17 +243,8 @@ class TurboEngine:
         )
 
     def stats(self) -> EngineStats:
-        s = self._engine.stats()
-        return EngineStats(
-            num_running=s.num_running,
-            num_waiting=s.num_waiting,
-            num_blocks_total=s.num_blocks_total,
-            num_blocks_free=s.num_blocks_free,
-            num_blocks_cached=s.num_blocks_cached,
-            num_prefill_tokens=s.num_prefill_tokens,
-            num_generated_tokens=s.num_generated_tokens,
-            num_steps=s.num_steps,
-        )
+        s = self._engine.stats()  # the C++ struct names its fields as EngineStats does
+        return EngineStats(**{f.name: getattr(s, f.name) for f in dataclasses.fields(EngineStats)})
 
     @property
     def num_preemptions(self) -> int:
