@@ -86,7 +86,9 @@ class PytorchEngine:
         self._stats = EngineStats(num_blocks_total=num_blocks)
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="lmkit-pytorch-engine", daemon=True)
+        self._warmed_up = threading.Event()
         self._thread.start()
+        self._warmed_up.wait()  # the warm-up runs in the loop thread: that thread's OpenMP pool is the one to keep
 
     def _load(self, model_path: str | Path | None, config: PytorchEngineConfig) -> int:
         """Read the weights, size the KV pool, build the model runner; returns the pool's blocks."""
@@ -193,9 +195,11 @@ class PytorchEngine:
     # ---- the loop ----
     def _loop(self) -> None:
         try:
-            self.runner.warm_up()  # requests that arrive meanwhile wait in the inbox
+            self.runner.warm_up()
         except Exception as e:
             print(f"[lmkit] decode warm-up failed ({type(e).__name__}: {e}); serving anyway", file=sys.stderr)
+        finally:
+            self._warmed_up.set()
         with torch.inference_mode():
             while self._admit(block=not self.scheduler.has_work()):
                 if self.scheduler.has_work():
