@@ -88,7 +88,8 @@ class ModelRunner:
                 batch.num_new_tokens.append(1)
             self.run(batch)
         self.decode_kv.clear()
-        print(f"[lmkit] decode step compiled in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+        if self.model.compiles_decode:  # else the model has said why it decodes eagerly
+            print(f"[lmkit] decode step compiled in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:

@@ -136,7 +136,8 @@ class LlamaForCausalLM:
         except Exception as e:
             if self._compiled_once:
                 raise
-            print(f"[lmkit] torch.compile of the decode step failed, decoding eagerly: {e!r}", file=sys.stderr)
+            why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            print(f"[lmkit] torch.compile of the decode step failed, decoding eagerly ({why})", file=sys.stderr)
             self._compiled_layer = None
             return self._layers_over_rows(self._layer, h, rope, meta, kv_caches)
         self._compiled_once = True
