@@ -5,12 +5,15 @@ tokens, EOS ignored so every request generates exactly that many tokens. Synthet
 
     python benchmark/profile_throughput.py --dataset sharegpt --num-prompts 200 --backends pytorch,turbo,hf
     python benchmark/profile_throughput.py --dataset synthetic --input-len 128 --output-len 128 --num-prompts 1024
+    python benchmark/profile_throughput.py --backends pytorch --cprofile 30   # where the engine thread's time goes
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import sys
 import time
 
@@ -46,12 +49,27 @@ def run_engine(engine, prompts: list[list[int]], reqs: list[BenchRequest]) -> di
     return {"elapsed_s": elapsed, "output_tokens": generated, "requests": len(reqs)}
 
 
-def warm_up(engine, prompts: list[list[int]], n: int = 64) -> None:
+def warm_up(engine, prompts: list[list[int]], n: int) -> None:
     """Run n requests shaped like the first n prompts (random tokens: nothing for the prefix cache to reuse), so
     that kernels compiled on first use of a shape (Triton) are compiled before the timed run."""
     g = torch.Generator().manual_seed(1)
     fakes = [torch.randint(0, engine.vocab_size, (len(p),), generator=g).tolist() for p in prompts[:n]]
     run_engine(engine, fakes, [BenchRequest(None, 0, 8)] * len(fakes))
+
+
+def profile_loop_thread(engine) -> cProfile.Profile:
+    """cProfile every step of the PyTorch engine from now on (the profiler itself roughly doubles Python time)."""
+    profiler, step = cProfile.Profile(), engine._step
+
+    def profiled_step():
+        profiler.enable()
+        try:
+            return step()
+        finally:
+            profiler.disable()
+
+    engine._step = profiled_step
+    return profiler
 
 
 def run_hf(model, prompts: list[list[int]], reqs: list[BenchRequest], batch_size: int, device: str) -> dict:
@@ -96,6 +114,10 @@ def parse_args(argv=None):
     p.add_argument("--prefill-interval", type=int, default=1, help="PyTorch engine: admit requests every N steps")
     p.add_argument("--cache-max-entry-count", type=float, default=0.8)
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
+    p.add_argument("--warmup-requests", type=int, default=64, help="untimed requests shaped like the first prompts")
+    p.add_argument(
+        "--cprofile", type=int, default=0, metavar="N", help="PyTorch engine: cProfile its loop thread, print top N"
+    )
     args = p.parse_args(argv)
     args.backends = args.backends.split(",")
     return args
@@ -125,9 +147,12 @@ def main(argv=None) -> None:
             res = run_hf(load_hf(model_path, args), prompts[:k], reqs[:k], args.hf_batch_size, args.device)
         else:
             engine = make_engine(backend, model_path, args)
-            warm_up(engine, prompts)
+            warm_up(engine, prompts, args.warmup_requests)
+            profiler = profile_loop_thread(engine) if args.cprofile and backend == "pytorch" else None
             res = run_engine(engine, prompts, reqs)
             engine.shutdown()
+            if profiler is not None:
+                pstats.Stats(profiler).sort_stats("tottime").print_stats(args.cprofile)
             del engine
             free_device_memory()
         tps = res["output_tokens"] / res["elapsed_s"]

@@ -137,10 +137,10 @@ def test_logits_match_hf_prefill_then_decode(kind, gpu_model_dir):
 
 
 def run_engine(engine: TurboEngine, reqs: list[tuple[list[int], SamplingParams]]) -> dict[str, list]:
-    """Submit every request at once; returns request id -> (tokens, logprobs)."""
+    """Submit every request at once; returns request id -> [tokens, logprobs, finish reason]."""
     for i, (p, sp) in enumerate(reqs):
         engine.add_request(EngineRequest(f"r{i}", p, sp))
-    got: dict[str, list] = {f"r{i}": [[], []] for i in range(len(reqs))}
+    got: dict[str, list] = {f"r{i}": [[], [], None] for i in range(len(reqs))}
     done, deadline = set(), time.monotonic() + 120
     while len(done) < len(reqs) and time.monotonic() < deadline:
         for o in engine.get_outputs(timeout=1.0):
@@ -148,6 +148,7 @@ def run_engine(engine: TurboEngine, reqs: list[tuple[list[int], SamplingParams]]
             got[o.request_id][0] += o.new_token_ids
             got[o.request_id][1] += o.logprobs or []
             if o.finished:
+                got[o.request_id][2] = o.finish_reason
                 done.add(o.request_id)
     assert len(done) == len(reqs)
     return got
@@ -203,7 +204,7 @@ def test_engine_sampling_logprobs_and_penalty(gpu_model_dir):
         lp = SamplingParams(max_new_tokens=4, temperature=0.0, logprobs=3, ignore_eos=True)
         pen = SamplingParams(max_new_tokens=24, temperature=0.0, repetition_penalty=1.3, ignore_eos=True)
         got = run_engine(engine, [(seqs[1], lp), (seqs[2], pen)])
-        toks, lps = got["r0"]
+        toks, lps, _ = got["r0"]
         with torch.no_grad():
             ref = torch.log_softmax(hf(torch.tensor([seqs[1] + toks], device="cuda")).logits[0].float(), -1)
         for j, (t, entry) in enumerate(zip(toks, lps)):
@@ -413,7 +414,7 @@ def test_engine_pipelined_steps_with_admissions_match_unpipelined(gpu_model_dir,
         monkeypatch.setenv("TURBO_PIPELINE", pipeline)
         engine = TurboEngine(path, cfg)
         try:
-            return {k: (v[0], v[2]) for k, v in run_engine_with_reasons(engine, reqs).items()}
+            return {k: (v[0], v[2]) for k, v in run_engine(engine, reqs).items()}
         finally:
             engine.shutdown()
 
@@ -426,21 +427,3 @@ def test_engine_pipelined_steps_with_admissions_match_unpipelined(gpu_model_dir,
     want = run("0", stops)
     assert any(reason == FinishReason.STOP for _, reason in want.values())
     assert run("1", stops) == want
-
-
-def run_engine_with_reasons(engine: TurboEngine, reqs) -> dict[str, list]:
-    """Submit every request at once; returns request id -> [tokens, logprobs, finish reason]."""
-    for i, (p, sp) in enumerate(reqs):
-        engine.add_request(EngineRequest(f"r{i}", p, sp))
-    got: dict[str, list] = {f"r{i}": [[], [], None] for i in range(len(reqs))}
-    done, deadline = set(), time.monotonic() + 120
-    while len(done) < len(reqs) and time.monotonic() < deadline:
-        for o in engine.get_outputs(timeout=1.0):
-            assert o.error is None, o.error
-            got[o.request_id][0] += o.new_token_ids
-            got[o.request_id][1] += o.logprobs or []
-            if o.finished:
-                got[o.request_id][2] = o.finish_reason
-                done.add(o.request_id)
-    assert len(done) == len(reqs)
-    return got
