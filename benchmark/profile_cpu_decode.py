@@ -48,21 +48,24 @@ def _no_gemms():
 
 
 def measure(model, forward, args: tuple, rounds: int, iters: int) -> dict[str, float]:
-    compiled_layer, real_gemms = model._compiled_layer, (linear._packed_linear, linear._packed_linear_add)
+    paths = (model.decode_path, model.prefill_path)
+    compiled, real_gemms = [p.compiled for p in paths], (linear._packed_linear, linear._packed_linear_add)
     variants = {
-        "compiled": (compiled_layer, real_gemms),
-        "eager": (None, real_gemms),
-        "compiled, GEMMs stubbed": (compiled_layer, _no_gemms()),
+        "compiled": (compiled, real_gemms),
+        "eager": ([None, None], real_gemms),
+        "compiled, GEMMs stubbed": (compiled, _no_gemms()),
     }
     best = dict.fromkeys(variants, float("inf"))
     try:
         for _ in range(rounds):
-            for name, (layer, gemms) in variants.items():
-                model._compiled_layer = layer
+            for name, (fns, gemms) in variants.items():
+                for path, f in zip(paths, fns):
+                    path.compiled = f
                 linear._packed_linear, linear._packed_linear_add = gemms
                 best[name] = min(best[name], _time_ms(forward, args, iters))
     finally:
-        model._compiled_layer = compiled_layer
+        for path, f in zip(paths, compiled):
+            path.compiled = f
         linear._packed_linear, linear._packed_linear_add = real_gemms
     return best
 
@@ -89,7 +92,7 @@ def main() -> None:
     )
     engine = make_engine("pytorch", resolve_model_path(a.model), cfg)
     model = engine.runner.model
-    if not model.compiles_decode:
+    if not model.decode_path.on:
         sys.exit("the engine does not compile its decode step here (eager mode, or not on CPU)")
     forward, result, done = model.forward, {}, threading.Event()
 

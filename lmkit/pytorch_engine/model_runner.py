@@ -47,8 +47,7 @@ class ModelRunner:
         self.spec = spec
         self.device = device
         self.block_size = block_size
-        compile_decode = device.type == "cpu" and not eager
-        self.model = LlamaForCausalLM(spec, weights, device, dtype, compile_decode=compile_decode)
+        self.model = LlamaForCausalLM(spec, weights, device, dtype, compile=device.type == "cpu" and not eager)
         pool = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim, dtype, device)
         allocate = self.model.kernels.allocate_kv_cache  # the layout is the kernels' choice
         self.kv_caches = [(allocate(*pool), allocate(*pool)) for _ in range(spec.num_layers)]
@@ -65,22 +64,29 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Get the decode step ready before the first request: capture every CUDA graph (GPU), or compile the
-        CPU decode step, whose graphs for one sequence and for several (torch.compile specializes a batch of 1)
-        come from two fake decode steps. Those write into block 0, which holds nothing yet; their dense rows are
-        dropped."""
+        """Get the steps ready before the first request: capture every decode CUDA graph (GPU), or compile the
+        CPU layers: the two halves that prefill and mixed steps run, from a fake prefill of two tokens, and the
+        decode layer for one sequence and for several (torch.compile specializes a batch of 1), from two fake
+        decode steps. These write into block 0, which holds nothing yet; their dense rows are dropped."""
         if self.graphs is not None:
             start = time.perf_counter()
             self.graphs.capture_all()
             took = time.perf_counter() - start
             print(f"[lmkit] {len(self.graphs.graphs)} decode CUDA graphs captured in {took:.1f} s", file=sys.stderr)
             return
-        if not self.model.compiles_decode:
+        paths = [self.model.prefill_path, self.model.decode_path]
+        if not any(path.on for path in paths):
             return
         print(
-            "[lmkit] compiling the decode step (torch.compile; --eager-mode skips it) ...", file=sys.stderr, flush=True
+            "[lmkit] compiling the model's steps (torch.compile; --eager-mode skips it) ...",
+            file=sys.stderr,
+            flush=True,
         )
         start = time.perf_counter()
+        prefill = ScheduledBatch()
+        prefill.seqs.append(Sequence("warm-up", [0, 0], block_table=[0]))
+        prefill.num_new_tokens.append(2)
+        self.run(prefill)
         for n in (1, 2):
             batch = ScheduledBatch()
             for i in range(n):
@@ -88,8 +94,10 @@ class ModelRunner:
                 batch.num_new_tokens.append(1)
             self.run(batch)
         self.decode_kv.clear()
-        if self.model.compiles_decode:  # else the model has said why it decodes eagerly
-            print(f"[lmkit] decode step compiled in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+        compiled = [path.name for path in paths if path.on]  # a path that failed has said why
+        if compiled:
+            took = time.perf_counter() - start
+            print(f"[lmkit] {' and '.join(compiled)} steps compiled in {took:.1f} s", file=sys.stderr, flush=True)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:

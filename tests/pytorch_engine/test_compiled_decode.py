@@ -1,5 +1,5 @@
-"""The compiled CPU decode step: compiled at warm-up, once for every later batch size and context length, and
-decoding on eagerly when compilation fails. (test_model.py checks its logits against HF.)"""
+"""The compiled CPU layers: compiled at warm-up, once for every later batch size, step size and context length,
+and running on eagerly when compilation fails. (test_model.py checks their logits against HF.)"""
 
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ def _runner(path, eager: bool = False) -> ModelRunner:
     return ModelRunner(loaded.spec, loaded.weights, NUM_BLOCKS, BS, torch.device("cpu"), torch.float32, eager=eager)
 
 
-def _steps(runner: ModelRunner, plan: list[list[str]], prompt_len: int = 5):
+def _steps(runner: ModelRunner, plan: list[list[str]], prompt_len: dict[str, int] | None = None):
     """Run `plan` (per step, the names of the sequences that take part) and yield each step's logits by name.
-    A name's first step prefills its prompt; later steps decode the token its last step's greedy logits chose."""
+    A name's first step prefills its prompt (`prompt_len[name]` tokens, 5 by default); later steps decode the
+    token its last step's greedy logits chose."""
     bm = BlockManager(NUM_BLOCKS, BS)
     gen = torch.Generator().manual_seed(0)
     seqs: dict[str, Sequence] = {}
@@ -31,7 +32,9 @@ def _steps(runner: ModelRunner, plan: list[list[str]], prompt_len: int = 5):
         batch = ScheduledBatch()
         for name in names:
             if name not in seqs:
-                seqs[name] = Sequence(name, torch.randint(0, 320, (prompt_len,), generator=gen).tolist())
+                seqs[name] = Sequence(
+                    name, torch.randint(0, 320, ((prompt_len or {}).get(name, 5),), generator=gen).tolist()
+                )
             seq = seqs[name]
             n = len(seq) - seq.num_computed_tokens
             assert bm.allocate_slots(seq, n)
@@ -51,42 +54,50 @@ def test_one_compilation_serves_every_batch_and_context(tiny_model_dir):
     runner = _runner(tiny_model_dir("llama"))
     runner.warm_up()
     graphs = counters["stats"]["unique_graphs"]
-    # Batches of 1 to 7 sequences; contexts from 5 to past 100 tokens cross three steps of the rows' capacity.
+    # Prefills of 5 to 35 tokens, alone and mixed with decodes; decode batches of 1 to 7 sequences; contexts
+    # from 5 to past 100 tokens cross three steps of the rows' capacity.
     plan = [["a"], ["a"], ["a", "b"], ["a", "b"], ["a", "b", "c", "d", "e", "f", "g"]]
-    plan += [["a", "b", "c", "d", "e", "f", "g"]] * 3 + [["b", "d"], ["a", "b", "c"]] * 50
-    for _ in _steps(runner, plan):
+    plan += [["a", "b", "c", "d", "e", "f", "g"]] * 3 + [["b", "d"], ["a", "b", "c"]] * 50 + [["a", "h"]]
+    for _ in _steps(runner, plan, prompt_len={"h": 35}):
         pass
-    assert runner.model._compiled_once
-    assert counters["stats"]["unique_graphs"] == graphs, "a decode step after warm-up compiled a new graph"
+    assert runner.model.decode_path.ran and runner.model.prefill_path.ran
+    assert counters["stats"]["unique_graphs"] == graphs, "a step after warm-up compiled a new graph"
 
 
-def test_decodes_eagerly_when_compilation_fails(tiny_model_dir, capfd):
+@pytest.mark.parametrize("failing", ["decode", "prefill", "decode,prefill"])
+def test_runs_eagerly_when_compilation_fails(tiny_model_dir, capfd, failing):
     path = tiny_model_dir("llama")
     runner, reference = _runner(path), _runner(path, eager=True)
 
     def no_compiler(*args):
         raise RuntimeError("no C++ compiler")
 
-    runner.model._compiled_layer = no_compiler
-    plan = [["a", "b"]] * 6
-    for got, want in zip(_steps(runner, plan), _steps(reference, plan)):
+    paths = {"decode": runner.model.decode_path, "prefill": runner.model.prefill_path}
+    for name in failing.split(","):
+        paths[name].compiled = (no_compiler,) * len(paths[name].eager)
+    plan = [["a", "b"]] * 6 + [["a", "c"]]
+    # Exact where every step ran eagerly; the compiled halves of a path that still compiles round differently.
+    tol = 0 if failing == "decode,prefill" else 1e-5
+    for got, want in zip(_steps(runner, plan), _steps(reference, plan), strict=True):
         assert got.keys() == want.keys()
         for name in got:
-            torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
-    assert not runner.model.compiles_decode
-    assert "torch.compile of the decode step failed" in capfd.readouterr().err
+            torch.testing.assert_close(got[name], want[name], rtol=tol, atol=tol)
+    err = capfd.readouterr().err
+    for name, p in paths.items():
+        assert p.on == (name not in failing)
+        assert (f"torch.compile of the {name} step failed" in err) == (name in failing)
 
 
 def test_errors_after_a_compiled_step_are_raised(tiny_model_dir):
     runner = _runner(tiny_model_dir("llama"))
     steps = _steps(runner, [["a"], ["a"], ["a"]])
     next(steps), next(steps)  # prefill, then a compiled decode step
-    assert runner.model._compiled_once
+    assert runner.model.decode_path.ran
 
     def failing(*args):
         raise RuntimeError("a bug in a layer")
 
-    runner.model._compiled_layer = failing
+    runner.model.decode_path.compiled = (failing,)
     with pytest.raises(RuntimeError, match="a bug in a layer"):
         next(steps)
     assert runner.decode_kv.seqs == [], "rows that may hold part of the failed step must be dropped"

@@ -73,6 +73,7 @@ def test_logits_match_hf(kind, eager, tiny_model_dir, request, monkeypatch):
         for s, n in zip(batch.seqs, batch.num_new_tokens):
             s.num_computed_tokens += n
     assert worst < 1e-4
-    assert runner.model.compiles_decode == (not eager) and runner.model._compiled_once == (not eager)
+    for path in (runner.model.decode_path, runner.model.prefill_path):
+        assert path.on == (not eager) and path.ran == (not eager), path.name
     if kind != "mistral-window":  # chunks longer than the window read the cache with a window mask
         assert batched, "b and c should have been prefilled as one padded batch"

@@ -59,9 +59,9 @@ class LlamaForCausalLM:
         weights: dict[str, torch.Tensor],
         device: torch.device,
         dtype: torch.dtype,
-        compile_decode: bool = False,
+        compile: bool = False,
     ):
-        """compile_decode: run decode-only steps over dense KV rows (CPU) through `torch.compile`d layers."""
+        """compile: run the layers (CPU) through `torch.compile` (see `decode_path` and `prefill_path`)."""
         self.spec = spec
         self.device = device
         self.kernels = attention_backend(device)
@@ -78,13 +78,10 @@ class LlamaForCausalLM:
         self.rope_cos, self.rope_sin = cos.to(device, dtype), sin.to(device, dtype)
         self.scale = spec.head_dim**-0.5
         self.ops = DecoderOps.for_device(device, dtype)
-        self._compiled_layer = torch.compile(self._layer) if compile_decode else None
-        self._compiled_once = False
-
-    @property
-    def compiles_decode(self) -> bool:
-        """Whether decode-only steps over dense KV rows run through the compiled layer (else eagerly)."""
-        return self._compiled_layer is not None
+        # CPU: decode-only steps over the dense KV rows run each layer as one compiled graph; other steps of more
+        # than one token run the two halves of each layer compiled, with the paged attention between them.
+        self.decode_path = CompiledPath("decode", (self._layer,), enabled=compile)
+        self.prefill_path = CompiledPath("prefill", (self._attention_inputs, self._attention_output), enabled=compile)
 
     def _layer_weights(self, w, p: str) -> LayerWeights:
         spec = self.spec
@@ -117,40 +114,39 @@ class LlamaForCausalLM:
         """input_ids, positions [T] -> logits [len(logits_indices), vocab] of the rows that sample."""
         rope = self.ops.rope_inputs(positions, self.rope_cos, self.rope_sin)
         h = F.embedding(input_ids, self.embed)
-        decode_only = meta.num_decode == input_ids.shape[0]
-        if self._compiled_layer is not None and meta.decode_window is not None and decode_only:
-            h = self._decode_over_rows(h, rope, meta, kv_caches)
+        if meta.decode_window is not None and meta.num_decode == input_ids.shape[0] and self.decode_path.on:
+            mark_batch_dynamic(h, *rope, meta.slot_mapping)
+            h = self.decode_path.run(lambda layer_fn: self._layers_over_rows(layer_fn, h, rope, meta, kv_caches))
+        elif h.shape[0] > 1 and self.prefill_path.on:
+            mark_batch_dynamic(h, *rope)
+            h = self.prefill_path.run(lambda pre, post: self._paged_layers(pre, post, h, rope, meta, kv_caches))
         else:
-            for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-                h = self._layer(h, layer, rope, self._paged_attention, (k_cache, v_cache, meta))
+            h = self._paged_layers(self._attention_inputs, self._attention_output, h, rope, meta, kv_caches)
         return self.lm_head(self.ops.rms_norm(h[logits_indices], self.norm, self.spec.rms_norm_eps))
 
-    def _decode_over_rows(self, h, rope, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
-        """A decode-only step over the dense KV rows (CPU), each layer through the compiled `_layer`.
-
-        If the first compilation fails (no C++ compiler, say), decode steps run eagerly from then on. The retry
-        is exact: the layers that ran wrote the same keys and values to the same places as the eager run will."""
-        mark_batch_dynamic(h, *rope, meta.slot_mapping)
-        try:
-            out = self._layers_over_rows(self._compiled_layer, h, rope, meta, kv_caches)
-        except Exception as e:
-            if self._compiled_once:
-                raise
-            why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            print(f"[lmkit] torch.compile of the decode step failed, decoding eagerly ({why})", file=sys.stderr)
-            self._compiled_layer = None
-            return self._layers_over_rows(self._layer, h, rope, meta, kv_caches)
-        self._compiled_once = True
-        return out
-
     def _layers_over_rows(self, layer_fn: Callable, h, rope, meta: AttentionMetadata, kv_caches) -> torch.Tensor:
+        """A decode-only step over the dense KV rows (CPU): each layer is one `layer_fn`, attention included."""
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
             rows = meta.decode_window.layer_inputs(i)
             h = layer_fn(h, layer, rope, decode_attention, (k_cache, v_cache, meta.slot_mapping, *rows))
         return h
 
+    def _paged_layers(self, pre: Callable, post: Callable, h, rope, meta: AttentionMetadata, kv_caches):
+        """Any step, with attention over the paged cache between each layer's `pre` and `post` halves."""
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            q, k, v = pre(h, layer, rope)
+            attn = self._paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+            mark_batch_dynamic(attn)  # comes from eager code: else `post` specializes on the step's size
+            h = post(attn, h, layer)
+        return h
+
     def _layer(self, h: torch.Tensor, layer: LayerWeights, rope: tuple, attention: Callable, attn_args: tuple):
         """One decoder layer: h [T, hidden] -> h. attention(q, k, v, *attn_args) -> [T, ...] of T * q_size."""
+        q, k, v = self._attention_inputs(h, layer, rope)
+        return self._attention_output(attention(q, k, v, *attn_args, self.scale), h, layer)
+
+    def _attention_inputs(self, h: torch.Tensor, layer: LayerWeights, rope: tuple) -> tuple[torch.Tensor, ...]:
+        """The first half of a layer: h [T, hidden] -> q [T, heads, D], k and v [T, kv_heads, D]."""
         spec, ops, eps = self.spec, self.ops, self.spec.rms_norm_eps
         t, nh, nkv, hd = h.shape[0], spec.num_heads, spec.num_kv_heads, spec.head_dim
         qkv = layer.qkv(ops.rms_norm(h, layer.input_norm, eps))
@@ -159,13 +155,51 @@ class LlamaForCausalLM:
         if layer.qk_norm is not None:
             qk = rms_norm(qk, layer.qk_norm, eps)
         qk = ops.rope(qk, *rope)
-        attn = attention(qk[:, :nh], qk[:, nh:], v, *attn_args, self.scale)
-        h = layer.o.add(attn.reshape(t, nh * hd), h)
+        return qk[:, :nh], qk[:, nh:], v
+
+    def _attention_output(self, attn: torch.Tensor, h: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
+        """The second half of a layer: the attention's output and the residual h -> the layer's output."""
+        ops, eps = self.ops, self.spec.rms_norm_eps
+        h = layer.o.add(attn.reshape(h.shape[0], -1), h)
         return layer.down.add(ops.silu_mul(layer.gate_up(ops.rms_norm(h, layer.post_norm, eps))), h)
 
     def _paged_attention(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         self.kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         return self.kernels.paged_attention(q, k, v, k_cache, v_cache, meta, scale)
+
+
+class CompiledPath:
+    """Functions run through `torch.compile`, with their eager originals to fall back on.
+
+    If the first compiled run fails (no C++ compiler, say), the path says why in one line and runs eagerly from
+    then on. A run that is retried must be exact: one that failed part-way wrote the same keys and values to the
+    same places as the retry will. A failure after a compiled run has succeeded is raised."""
+
+    def __init__(self, name: str, fns: tuple[Callable, ...], enabled: bool):
+        self.name = name
+        self.eager = fns
+        self.compiled = tuple(torch.compile(f) for f in fns) if enabled else None
+        self.ran = False  # a compiled run has succeeded
+
+    @property
+    def on(self) -> bool:
+        return self.compiled is not None
+
+    def run(self, body: Callable):
+        """body(*functions), with the compiled ones unless they are off or fail on their first run."""
+        if self.compiled is None:
+            return body(*self.eager)
+        try:
+            out = body(*self.compiled)
+        except Exception as e:
+            if self.ran:
+                raise
+            why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            print(f"[lmkit] torch.compile of the {self.name} step failed, running it eagerly ({why})", file=sys.stderr)
+            self.compiled = None
+            return body(*self.eager)
+        self.ran = True
+        return out
 
 
 def mark_batch_dynamic(*tensors: torch.Tensor) -> None:
