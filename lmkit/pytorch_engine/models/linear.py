@@ -12,11 +12,15 @@ that changes every step that cache grows by hundreds of MiB. So the rows are bou
 runs as one piece and the rest as further pieces. 38 shapes in all; a full 2,048-token prefill step is one
 GEMM per weight, without the copy that joining pieces costs (70 ms of SmolLM2-135M's 1.1 s at 2,048 rows).
 
-Under `torch.compile` the packed GEMMs are the opaque ops `lmkit::packed_linear` and `lmkit::packed_linear_add`
-(Inductor lowers oneDNN's own linear op only for weights it has frozen as constants itself).
+Traced for Inductor (models/compiled.py, or under `torch.compile`), the packed GEMMs are the opaque ops
+`lmkit::packed_linear` and `lmkit::packed_linear_add` (Inductor lowers oneDNN's own linear op only for weights
+it has frozen as constants itself).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +83,24 @@ def _packed_linear_add(x: torch.Tensor, residual: torch.Tensor, weight, bias: to
     return residual + _packed_linear(x, weight, bias)
 
 
+_tracing = False
+
+
+@contextmanager
+def traced() -> Iterator[None]:
+    """While tracing a graph for Inductor: the packed GEMMs are the custom ops below."""
+    global _tracing
+    _tracing, before = True, _tracing
+    try:
+        yield
+    finally:
+        _tracing = before
+
+
+def _as_op() -> bool:
+    return _tracing or torch.compiler.is_compiling()
+
+
 @torch.library.custom_op("lmkit::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return _packed_linear(x, weight, bias)
@@ -111,6 +133,13 @@ class Linear:
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_ROWS_HINT) if self.packed else weight
         self.bias = bias
 
+    @classmethod
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None, packed: bool) -> Linear:
+        """A Linear over a weight already laid out (packed or not)."""
+        lin = cls.__new__(cls)
+        lin.weight, lin.bias, lin.packed = weight, bias, packed
+        return lin
+
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
@@ -118,7 +147,7 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.packed:
             return F.linear(x, self.weight, self.bias)
-        if torch.compiler.is_compiling():
+        if _as_op():
             return packed_linear(x, self.weight, self.bias)
         return _packed_linear(x, self.weight, self.bias)  # eager: without the op's dispatch
 
@@ -126,6 +155,6 @@ class Linear:
         """x @ weight.T (+ bias) + residual, as one fused op where the backend has one."""
         if not self.packed:
             return residual + F.linear(x, self.weight, self.bias)
-        if torch.compiler.is_compiling():
+        if _as_op():
             return packed_linear_add(x, residual, self.weight, self.bias)
         return _packed_linear_add(x, residual, self.weight, self.bias)

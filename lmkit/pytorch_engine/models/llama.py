@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from lmkit.model.spec import ModelSpec
 from lmkit.pytorch_engine.kernels import AttentionMetadata, attention_backend
 from lmkit.pytorch_engine.kernels.decode_kv_cpu import decode_attention
+from lmkit.pytorch_engine.models.compiled import CompiledFunction
 from lmkit.pytorch_engine.models.linear import Linear
 from lmkit.pytorch_engine.models.rope import apply_rope, rope_tables
 
@@ -61,7 +62,7 @@ class LlamaForCausalLM:
         dtype: torch.dtype,
         compile: bool = False,
     ):
-        """compile: run the layers (CPU) through `torch.compile` (see `decode_path` and `prefill_path`)."""
+        """compile: run the layers (CPU) compiled by Inductor (see `decode_path` and `prefill_path`)."""
         self.spec = spec
         self.device = device
         self.kernels = attention_backend(device)
@@ -80,7 +81,7 @@ class LlamaForCausalLM:
         self.ops = DecoderOps.for_device(device, dtype)
         # CPU: decode-only steps over the dense KV rows run each layer as one compiled graph; other steps of more
         # than one token run the two halves of each layer compiled, with the paged attention between them.
-        self.decode_path = CompiledPath("decode", (self._layer,), enabled=compile)
+        self.decode_path = CompiledPath("decode", (self._decode_layer,), enabled=compile)
         self.prefill_path = CompiledPath("prefill", (self._attention_inputs, self._attention_output), enabled=compile)
 
     def _layer_weights(self, w, p: str) -> LayerWeights:
@@ -128,14 +129,14 @@ class LlamaForCausalLM:
         """A decode-only step over the dense KV rows (CPU): each layer is one `layer_fn`, attention included."""
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
             rows = meta.decode_window.layer_inputs(i)
-            h = layer_fn(h, layer, rope, decode_attention, (k_cache, v_cache, meta.slot_mapping, *rows))
+            h = layer_fn(h, layer, rope, (k_cache, v_cache, meta.slot_mapping, *rows))
         return h
 
     def _paged_layers(self, pre: Callable, post: Callable, h, rope, meta: AttentionMetadata, kv_caches):
         """Any step, with attention over the paged cache between each layer's `pre` and `post` halves."""
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             q, k, v = pre(h, layer, rope)
-            attn = self._paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+            attn = self._paged_attention(q, k, v, k_cache, v_cache, meta, self.scale).contiguous()
             mark_batch_dynamic(attn)  # comes from eager code: else `post` specializes on the step's size
             h = post(attn, h, layer)
         return h
@@ -144,6 +145,10 @@ class LlamaForCausalLM:
         """One decoder layer: h [T, hidden] -> h. attention(q, k, v, *attn_args) -> [T, ...] of T * q_size."""
         q, k, v = self._attention_inputs(h, layer, rope)
         return self._attention_output(attention(q, k, v, *attn_args, self.scale), h, layer)
+
+    def _decode_layer(self, h: torch.Tensor, layer: LayerWeights, rope: tuple, attn_args: tuple) -> torch.Tensor:
+        """`_layer` with the decode-only attention over the dense KV rows (CPU)."""
+        return self._layer(h, layer, rope, decode_attention, attn_args)
 
     def _attention_inputs(self, h: torch.Tensor, layer: LayerWeights, rope: tuple) -> tuple[torch.Tensor, ...]:
         """The first half of a layer: h [T, hidden] -> q [T, heads, D], k and v [T, kv_heads, D]."""
@@ -169,7 +174,7 @@ class LlamaForCausalLM:
 
 
 class CompiledPath:
-    """Functions run through `torch.compile`, with their eager originals to fall back on.
+    """Functions compiled by Inductor (`CompiledFunction`), with their eager originals to fall back on.
 
     If the first compiled run fails (no C++ compiler, say), the path says why in one line and runs eagerly from
     then on. A run that is retried must be exact: one that failed part-way wrote the same keys and values to the
@@ -178,7 +183,7 @@ class CompiledPath:
     def __init__(self, name: str, fns: tuple[Callable, ...], enabled: bool):
         self.name = name
         self.eager = fns
-        self.compiled = tuple(torch.compile(f) for f in fns) if enabled else None
+        self.compiled = tuple(CompiledFunction(f) for f in fns) if enabled else None
         self.ran = False  # a compiled run has succeeded
 
     @property
@@ -195,7 +200,7 @@ class CompiledPath:
             if self.ran:
                 raise
             why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            print(f"[lmkit] torch.compile of the {self.name} step failed, running it eagerly ({why})", file=sys.stderr)
+            print(f"[lmkit] compiling the {self.name} step failed, running it eagerly ({why})", file=sys.stderr)
             self.compiled = None
             return body(*self.eager)
         self.ran = True
@@ -203,7 +208,7 @@ class CompiledPath:
 
 
 def mark_batch_dynamic(*tensors: torch.Tensor) -> None:
-    """Let torch.compile treat dim 0 (the batch) of these as dynamic: one graph for every batch size > 1."""
+    """Mark dim 0 (the batch) of these dynamic for the compiled layers: one graph for every batch size > 1."""
     for t in tensors:
         torch._dynamo.maybe_mark_dynamic(t, 0)
 
