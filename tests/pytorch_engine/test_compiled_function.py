@@ -52,7 +52,7 @@ def test_matches_eager_for_every_size_with_one_graph(bias):
         got = f(x, w, pair, rows)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(rows, want_rows, rtol=1e-5, atol=1e-5)
-    assert len(f.graphs) == 2, "one graph for every size above 1, one for a batch of 1"
+    assert f.num_graphs == 2, "one graph for every size above 1, one for a batch of 1"
 
 
 def test_refuses_strided_inputs():
@@ -60,3 +60,20 @@ def test_refuses_strided_inputs():
     x, pair, rows = inputs(4, 8, 0)
     with pytest.raises(ValueError, match="contiguous"):
         CompiledFunction(layer)(x.t().contiguous().t(), w, pair, rows)
+
+
+def test_a_call_that_breaks_what_tracing_assumed_gets_its_own_graph():
+    """Traced where the narrowed length equals the rows' capacity, the narrow is the whole tensor, and the graph
+    treats the two sizes as one; without its guards a later call where they differ fails or reads past the
+    narrowed part."""
+
+    def scores(q: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(q, rows.narrow(1, 0, bias.shape[-1]).transpose(1, 2)) + bias
+
+    f = CompiledFunction(scores)
+    for r, capacity, width in [(4, 8, 8), (4, 8, 5), (6, 16, 16), (6, 16, 9)]:
+        q, rows, bias = torch.randn(r, 2, 4), torch.randn(r, capacity, 4), torch.randn(r, 1, width)
+        for t, dim in ((q, 0), (rows, 0), (rows, 1), (bias, 0), (bias, 2)):
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+        torch.testing.assert_close(f(q, rows, bias), scores(q, rows, bias))
+    assert f.num_graphs == 2, "one graph where width equals the capacity, one where it is less"

@@ -69,10 +69,16 @@ class DecodeKV:
                 self.seqs.append(s)
                 self.filled.append(0)
         lens = [s.num_computed_tokens + 1 for s in self.seqs]
-        if not self._reserve(len(self.seqs), -(-max(lens) // _CAP_STEP) * _CAP_STEP):
+        capacity = -(-max(lens) // _CAP_STEP) * _CAP_STEP
+        stale = [r for r, s in enumerate(self.seqs) if self.filled[r] != s.num_computed_tokens]
+        if len(stale) == len(self.seqs) and capacity < self.capacity:
+            # Every row is filled afresh (a new batch): nothing to keep, so the rows take the size it needs.
+            # Attention reads a row's whole capacity, so one sized for a longer, earlier batch costs every step.
+            self.k, self.v, self.capacity = [], [], 0
+        if not self._reserve(len(self.seqs), capacity):
             self.clear()
             return None
-        self._fill([r for r, s in enumerate(self.seqs) if self.filled[r] != s.num_computed_tokens])
+        self._fill(stale)
         self.filled = list(lens)
         self._step_tensors(lens, sliding_window)
         index = {id(s): i for i, s in enumerate(seqs)}

@@ -8,11 +8,13 @@ dims are symbolic where the engine marked them dynamic (`torch._dynamo.maybe_mar
 `torch.compile`) and static elsewhere, compiles the graph with Inductor (`torch._inductor.compile`, which keeps
 Inductor's on-disk cache), and from then on calls the compiled code directly.
 
-What guards would check is left to the caller, which promises it: every call passes the same structure of
-arguments, with tensors of the same dtype, device and rank, contiguous, equal in every static dim to the first
-call's, and as consistent with each other as the first call's were (a batch dim that was equal across inputs
-stays equal; the guards recorded while tracing are of that kind, and `guards` keeps them for inspection).
-A size of 1 in a dynamic dim gets a graph of its own, as torch.compile would specialize it.
+What tracing assumed of the symbolic dims (that two batch dims are equal, that a length fits its buffer,
+and also which way a size comparison went at the first call: a graph traced where two sizes were equal may
+treat them as one) is kept as a compiled Python expression over the inputs' sizes and checked on every call,
+in a few microseconds; inputs that fail it get a graph of their own, traced then. A size of 1 in a dynamic dim
+gets a graph of its own too, as torch.compile would specialize it. The rest is left to the caller, which
+promises it: every call passes the same structure of arguments, with tensors of the same dtype, device and
+rank, contiguous, and equal in every static dim to the first call's.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP, DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 from lmkit.pytorch_engine.models import linear
+
+_GUARD_GLOBALS = dict(SYMPY_INTERP)
 
 
 class CompiledFunction:
@@ -35,11 +39,12 @@ class CompiledFunction:
 
     def __init__(self, fn: Callable):
         self.fn = fn
-        self.graphs: dict[tuple[bool, ...], Callable] = {}  # by which dynamic dims are 1
-        self.guards: list[str] = []  # what tracing assumed of the symbolic dims, for inspection
+        # by which dynamic dims are 1: (the guards' check or None, the compiled graph), tried in order
+        self.graphs: dict[tuple[bool, ...], list[tuple[Any, Callable]]] = {}
         self._kinds: list[Any] | None = None  # per argument: torch.Tensor, tuple, or the dataclass' fields
         self._dynamic: list[tuple[int, int]] = []  # (flat input, dim) marked dynamic
         self._flat_objects: dict[int, tuple[object, list[torch.Tensor]]] = {}
+        self._names: list[str] = []  # the flat inputs' names in the guards
 
     def __call__(self, *args):
         if self._kinds is None:
@@ -48,10 +53,17 @@ class CompiledFunction:
         if not self._dynamic and not self.graphs:
             self._dynamic = [(i, d) for i, t in enumerate(flat) for d in sorted(_marked_dynamic(t))]
         key = tuple(flat[i].shape[d] == 1 for i, d in self._dynamic)
-        graph = self.graphs.get(key)
-        if graph is None:
-            graph = self.graphs[key] = self._compile(args, flat)
+        graphs = self.graphs.setdefault(key, [])
+        for check, graph in graphs:
+            if check is None or eval(check, _GUARD_GLOBALS, {"L": dict(zip(self._names, flat))}):
+                return graph(*flat)
+        check, graph = self._compile(args, flat)
+        graphs.append((check, graph))
         return graph(*flat)
+
+    @property
+    def num_graphs(self) -> int:
+        return sum(len(g) for g in self.graphs.values())
 
     def _flatten(self, args) -> list[torch.Tensor]:
         flat: list[torch.Tensor] = []
@@ -67,7 +79,7 @@ class CompiledFunction:
                 flat.extend(held[1])
         return flat
 
-    def _compile(self, args, flat: list[torch.Tensor]) -> Callable:
+    def _compile(self, args, flat: list[torch.Tensor]) -> tuple[Any, Callable]:
         if not all(t.is_contiguous() for t in flat):
             raise ValueError("CompiledFunction takes contiguous tensors only")
         spans, n = [], 0  # where each argument's tensors sit in the flat list
@@ -102,8 +114,9 @@ class CompiledFunction:
         with fake_mode, linear.traced():
             graph = make_fx(flat_fn, tracing_mode="real")(*fakes)
         compiled = torch._inductor.compile(graph, fakes)
-        self.guards = [str(g.expr) for g in shape_env.guards]
-        return compiled
+        guards = shape_env.produce_guards_expression(fakes)  # over L["t0"], L["t1"], ...
+        self._names = [f"t{i}" for i in range(len(flat))]
+        return (None if guards is None else compile(guards, "<guards>", "eval")), compiled
 
 
 def _kind(a) -> Any:
