@@ -113,7 +113,9 @@ class CompiledFunction:
         ]
         with fake_mode, linear.traced():
             graph = make_fx(flat_fn, tracing_mode="real")(*fakes)
-        compiled = torch._inductor.compile(graph, fakes)
+        # Without Inductor's size and stride asserts on every buffer: 20 per layer, 0.6 ms of a batch-32 step.
+        with torch._inductor.config.patch(size_asserts=False):
+            compiled = torch._inductor.compile(graph, fakes)
         guards = shape_env.produce_guards_expression(fakes)  # over L["t0"], L["t1"], ...
         self._names = [f"t{i}" for i in range(len(flat))]
         return (None if guards is None else compile(guards, "<guards>", "eval")), compiled

@@ -101,24 +101,23 @@ def _as_op() -> bool:
     return _tracing or torch.compiler.is_compiling()
 
 
-@torch.library.custom_op("lmkit::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return _packed_linear(x, weight, bias)
+# Defined with the plain Library API rather than `torch.library.custom_op`, whose Python wrapper (output alias
+# checks) costs ~4 µs a call: 0.5 ms of a batch-32 decode step's 121 GEMMs.
+_lib = torch.library.Library("lmkit", "DEF")
+_lib.define("packed_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+_lib.define("packed_linear_add(Tensor x, Tensor residual, Tensor weight, Tensor? bias) -> Tensor")
+_lib.impl("packed_linear", _packed_linear, "CompositeExplicitAutograd")
+_lib.impl("packed_linear_add", _packed_linear_add, "CompositeExplicitAutograd")
+packed_linear = torch.ops.lmkit.packed_linear.default
+packed_linear_add = torch.ops.lmkit.packed_linear_add.default
 
 
-@packed_linear.register_fake
+@torch.library.register_fake("lmkit::packed_linear", lib=_lib)
 def _(x, weight, bias):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-@torch.library.custom_op("lmkit::packed_linear_add", mutates_args=())
-def packed_linear_add(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    return _packed_linear_add(x, residual, weight, bias)
-
-
-@packed_linear_add.register_fake
+@torch.library.register_fake("lmkit::packed_linear_add", lib=_lib)
 def _(x, residual, weight, bias):
     return torch.empty_like(residual)
 
