@@ -7,6 +7,13 @@ Each cell submits `batch` requests of `input_len` random token ids, greedy, exac
     python benchmark/profile_generation.py --dtype bfloat16 --hf-dtype float32,bfloat16 --batch 1,8,32 --io 64x128
     python benchmark/profile_generation.py --device cuda --dtype bfloat16 --batch 1,16,64,256 \\
         --io 128x128,128x2048,2048x128 --markdown docs/results.md
+
+`--repeat N` runs every backend N times over, in alternation (engine cells, then HF cells, then again), and ends
+with the median of each cell and of each engine's ratio to HF, each ratio taken within one round: on a shared
+virtual machine the speed of the whole machine drifts by 10-30% over minutes, which a single pass cannot tell
+apart from a difference between backends. Each round starts its engines afresh and runs HF in a thread of its
+own, so that no backend's OpenMP thread pool outlives it (with a second pool alive, libgomp stops spinning and
+every backend slows down).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import os
 import resource
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -214,12 +222,80 @@ def parse_args(argv=None):
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
     p.add_argument("--markdown", default=None, help="append the table to this file")
+    p.add_argument("--repeat", type=int, default=1, help="run every backend this many times, in alternation")
     args = p.parse_args(argv)
     args.batch = [int(b) for b in args.batch.split(",")]
     args.io = [tuple(int(x) for x in s.split("x")) for s in args.io.split(",")]
     args.backends = args.backends.split(",")
     args.hf_dtype = (args.hf_dtype or args.dtype).split(",")
     return args
+
+
+def run_backend(backend: str, dtype_name: str, label: str, model_path, args) -> list[Cell]:
+    """Every (io, batch) cell of one backend, from loading it to shutting it down."""
+    cells = []
+    runner = load_hf(model_path, args, dtype_name) if backend == "hf" else make_engine(backend, model_path, args)
+    for input_len, output_len in args.io:
+        for batch in args.batch:
+            seed = batch * 7919 + input_len
+            if backend == "hf":
+                run_hf(runner, 1, 8, 4, args.device, seed)  # warm-up
+                cell = run_hf(runner, batch, input_len, output_len, args.device, seed)
+            else:
+                run_engine(runner, backend, batch, input_len, 4, args.device, seed + 1)  # warm-up, same shapes
+                cell = run_engine(runner, backend, batch, input_len, output_len, args.device, seed)
+            cell.backend = label
+            print(format_table([cell]).splitlines()[-1], flush=True)
+            cells.append(cell)
+    if backend != "hf":
+        runner.shutdown()
+    del runner
+    free_device_memory()
+    return cells
+
+
+def in_own_thread(fn, *a):
+    """fn(*a) in a thread that ends with it, taking the OpenMP pool its CPU ops created along."""
+    out: list = []
+    errors: list[BaseException] = []
+
+    def body():
+        try:
+            out.append(fn(*a))
+        except BaseException as e:  # re-raised in the caller
+            errors.append(e)
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
+    return out[0]
+
+
+def summary(rounds: list[list[Cell]]) -> str:
+    """Median output tok/s of each cell over the rounds, and of each engine's ratio to each HF run, per round."""
+    key = lambda c: (c.batch, c.input_len, c.output_len)  # noqa: E731
+    labels = list(dict.fromkeys(c.backend for c in rounds[0]))
+    hf_labels = [b for b in labels if b.startswith("hf")]
+    head = "| backend | batch | in | out | output tok/s, median (min-max) |" + "".join(
+        f" vs {h}, median (min-max) |" for h in hf_labels
+    )
+    rows = [head, "|---|---:|---:|---:|---:|" + "---:|" * len(hf_labels)]
+
+    def spread(xs: list[float], fmt: str) -> str:
+        return f"{statistics.median(xs):{fmt}} ({min(xs):{fmt}}-{max(xs):{fmt}})"
+
+    for label in labels:
+        for k in dict.fromkeys(key(c) for c in rounds[0] if c.backend == label):
+            per_round = [{c.backend: c for c in r if key(c) == k} for r in rounds]
+            tok_s = spread([r[label].output_tok_s for r in per_round], ".1f")
+            row = f"| {label} | {k[0]} | {k[1]} | {k[2]} | {tok_s} |"
+            for h in hf_labels:
+                ratios = [r[label].output_tok_s / r[h].output_tok_s for r in per_round]
+                row += " |" if label.startswith("hf") else f" {spread(ratios, '.2f')}x |"
+            rows.append(row)
+    return "\n".join(rows)
 
 
 def main(argv=None) -> None:
@@ -230,33 +306,29 @@ def main(argv=None) -> None:
     if args.device == "cuda":
         dtype_name = "bfloat16" if args.dtype == "auto" else args.dtype
         print(f"{torch.cuda.get_device_name()}: {roofline(model_path, dtype_name)}", flush=True)
-    cells: list[Cell] = []
     # HF once per asked dtype, labelled with it when it differs from the engines'
     runs = [(b, d) for b in args.backends for d in (args.hf_dtype if b == "hf" else [args.dtype])]
-    for backend, dtype_name in runs:
-        label = f"hf ({dtype_name})" if backend == "hf" and args.hf_dtype != [args.dtype] else backend
-        runner = load_hf(model_path, args, dtype_name) if backend == "hf" else make_engine(backend, model_path, args)
-        for input_len, output_len in args.io:
-            for batch in args.batch:
-                seed = batch * 7919 + input_len
-                if backend == "hf":
-                    run_hf(runner, 1, 8, 4, args.device, seed)  # warm-up
-                    cell = run_hf(runner, batch, input_len, output_len, args.device, seed)
-                else:
-                    run_engine(runner, backend, batch, input_len, 4, args.device, seed + 1)  # warm-up, same shapes
-                    cell = run_engine(runner, backend, batch, input_len, output_len, args.device, seed)
-                cell.backend = label
-                print(format_table([cell]).splitlines()[-1], flush=True)
-                cells.append(cell)
-        if backend != "hf":
-            runner.shutdown()
-        del runner
-        free_device_memory()
-    table = format_table(cells)
-    print("\n" + table)
+    rounds: list[list[Cell]] = []
+    for r in range(args.repeat):
+        if args.repeat > 1:
+            print(f"round {r + 1} of {args.repeat}", flush=True)
+        cells: list[Cell] = []
+        for backend, dtype_name in runs:
+            label = f"hf ({dtype_name})" if backend == "hf" and args.hf_dtype != [args.dtype] else backend
+            if backend == "hf" and args.device == "cpu":
+                cells += in_own_thread(run_backend, backend, dtype_name, label, model_path, args)
+            else:
+                cells += run_backend(backend, dtype_name, label, model_path, args)
+        rounds.append(cells)
+    tables = [format_table(cells) for cells in rounds]
+    if args.repeat > 1:
+        tables = [f"round {i + 1}:\n\n{t}" for i, t in enumerate(tables)]
+        tables.append(f"medians over {args.repeat} rounds:\n\n{summary(rounds)}")
+    for t in tables:
+        print("\n" + t)
     if args.markdown:
         with open(args.markdown, "a") as f:
-            f.write(table + "\n")
+            f.write("\n\n".join(tables) + "\n")
 
 
 if __name__ == "__main__":
