@@ -69,7 +69,7 @@ class PytorchEngineConfig:
     adapters: dict[str, str] | None = None
     """LoRA adapters to load at start: name -> path."""
     eager_mode: bool = False
-    """Run every step eagerly: no CUDA graphs (GPU), no `torch.compile`d decode steps (CPU)."""
+    """Run every step eagerly: no CUDA graphs (GPU), no compiled layers (CPU)."""
     tp: int = 1
     """Tensor parallel degree."""
 

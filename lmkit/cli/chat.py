@@ -25,7 +25,7 @@ _ENGINE_FLAGS = {
     "num_blocks": "num_blocks",
     "eager_mode": "eager_mode",
 }
-EAGER_MODE_HELP = "pytorch engine: no CUDA graphs (GPU), no torch.compile of the decode step (CPU)"
+EAGER_MODE_HELP = "pytorch engine: no CUDA graphs (GPU), no compiled layers (CPU)"
 _GEN_FLAGS = ["temperature", "top_p", "top_k", "max_new_tokens", "repetition_penalty", "seed"]
 
 

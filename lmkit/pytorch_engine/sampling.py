@@ -71,6 +71,29 @@ def seeded_noise(seed: int, step: int, vocab: int, device: torch.device) -> torc
     return torch.empty(vocab, device=device).exponential_(generator=gen)
 
 
+_ARGMAX_CHUNK = 1024
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1) for [n, vocab]: the same index (the first of equal maxima, NaN counting as the largest).
+
+    On CPU ATen's argmax tracks an index per element and does not vectorise: 0.65 ms for 32 rows of a 49,152-token
+    vocabulary on two cores. Here the chunks' maxima come first (a vectorised amax, 0.04 ms), then the argmax of
+    the one chunk per row that holds the first maximum."""
+    n, vocab = logits.shape
+    if logits.device.type != "cpu" or vocab < 4 * _ARGMAX_CHUNK:
+        return logits.argmax(dim=-1)
+    c = _ARGMAX_CHUNK
+    whole = vocab // c
+    maxima = logits[:, : whole * c].view(n, whole, c).amax(dim=-1)
+    if whole * c < vocab:
+        maxima = torch.cat([maxima, logits[:, whole * c :].amax(dim=-1, keepdim=True)], dim=1)
+    start = maxima.argmax(dim=-1) * c  # the first chunk holding the row's maximum
+    # Past the vocabulary the index repeats its last token, after its first place: never an earlier maximum.
+    index = (start[:, None] + torch.arange(c, device=logits.device)).clamp_max_(vocab - 1)
+    return start + logits.gather(1, index).argmax(dim=-1)
+
+
 class Sampler:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
@@ -83,7 +106,7 @@ class Sampler:
         if any(p != 1.0 for p in penalties):
             logits = logits.clone()
             apply_repetition_penalty(logits, [r.token_ids for r in rows], penalties)
-        tokens = logits.argmax(dim=-1)
+        tokens = argmax(logits)
         random_rows = [i for i, r in enumerate(rows) if r.params.temperature > 0 and r.params.top_k != 1]
         if random_rows:
             sub = [rows[i] for i in random_rows]
@@ -110,7 +133,7 @@ class Sampler:
         for i, r in enumerate(rows):
             if r.params.seed is not None:
                 noise[i] = seeded_noise(r.params.seed, r.step, probs.shape[-1], probs.device)
-        return (probs / noise).argmax(dim=-1)
+        return argmax(probs / noise)
 
     @staticmethod
     def _logprobs_of(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor | None:

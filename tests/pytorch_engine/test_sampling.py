@@ -13,6 +13,7 @@ from lmkit.pytorch_engine.sampling import (
     apply_repetition_penalty,
     apply_top_k,
     apply_top_p,
+    argmax,
 )
 
 V = 50
@@ -139,3 +140,15 @@ def test_logprobs_are_of_raw_logits(n):
     assert lp.logprob == pytest.approx(ref[0, tokens[0]].item(), abs=1e-6)
     assert [t for t, _ in lp.top] == ref[0].topk(n).indices.tolist()
     assert all(v == pytest.approx(ref[0, t].item(), abs=1e-6) for t, v in lp.top)
+
+
+@pytest.mark.parametrize("vocab", [4096, 5000, 49152, 128256])
+def test_argmax_matches_torch(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(9, vocab, generator=g).bfloat16().float()  # bf16 values: many ties
+    logits[1, :] = 0.0  # all equal: the first index
+    logits[2, -1] = 100.0  # the very last token
+    logits[3, [5, vocab - 3]] = 50.0  # tied maxima in different chunks: the first
+    logits[4, 7] = float("nan")  # NaN counts as the largest, as in torch.argmax
+    logits[5, :] = float("-inf")
+    assert argmax(logits).tolist() == logits.argmax(-1).tolist()

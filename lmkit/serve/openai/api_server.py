@@ -232,7 +232,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="PyTorch engine: admit new requests every N steps while others decode (throughput over TTFT)",
     )
-    g.add_argument("--eager-mode", action="store_true", help="PyTorch engine: no CUDA graphs, no torch.compile (CPU)")
+    g.add_argument("--eager-mode", action="store_true", help="PyTorch engine: no CUDA graphs, no compiled layers (CPU)")
     g.add_argument("--tp", type=int, default=1)
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="auto")
