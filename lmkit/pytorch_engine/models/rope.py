@@ -11,7 +11,7 @@ from lmkit.model.spec import ModelSpec
 def rope_tables(spec: ModelSpec, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and signed sin, each [max_positions, head_dim] fp32.
 
-    With x_rot = x.roll(head_dim // 2) = [x2, x1] and sin_signed = [-sin, sin],
+    With x_rot = [x2, x1] (the halves swapped) and sin_signed = [-sin, sin],
     x * cos + x_rot * sin_signed equals HF's x * cos + rotate_half(x) * sin exactly.
     """
     freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_frequencies(spec)[None, :]
@@ -23,5 +23,9 @@ def rope_tables(spec: ModelSpec, max_positions: int) -> tuple[torch.Tensor, torc
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_dim]; cos, sin_signed [T, 1, head_dim]."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
+    """x [T, heads, head_dim]; cos, sin_signed [T, 1, head_dim].
+
+    The halves are swapped with a flip of a size-2 dim rather than a roll: the same values, but an index that
+    stays affine in the head dim, which Inductor turns into vector loads (a roll's modulo index is a gather)."""
+    t, h, d = x.shape
+    return x * cos + x.view(t, h, 2, d // 2).flip(2).view(t, h, d) * sin_signed
