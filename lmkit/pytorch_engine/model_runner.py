@@ -66,7 +66,7 @@ class ModelRunner:
     def warm_up(self) -> None:
         """Get the steps ready before the first request: capture every decode CUDA graph (GPU), or compile the
         CPU layers: the two halves that prefill and mixed steps run, from a fake prefill of two tokens, and the
-        decode layer for one sequence and for several (torch.compile specializes a batch of 1), from two fake
+        decode layer for one sequence and for several (a batch of 1 gets a graph of its own), from two fake
         decode steps. These write into block 0, which holds nothing yet; their dense rows are dropped."""
         if self.graphs is not None:
             start = time.perf_counter()
@@ -102,8 +102,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
         """Forward one step; returns logits [n, vocab] and, per row, the index in batch.seqs. The logits are in
-        the model's dtype (the sampler upcasts them when a row needs more than an argmax: at batch 32 the upcast
-        costs a bf16 decode step on CPU 1.4 ms), or fp32 from a CUDA graph."""
+        the model's dtype, or fp32 from a CUDA graph; the sampler works in fp32."""
         order = [i for i, n in enumerate(batch.num_new_tokens) if n == 1]
         window = None
         if self.decode_kv is not None and order:

@@ -44,18 +44,19 @@ class CompiledFunction:
         self._kinds: list[Any] | None = None  # per argument: torch.Tensor, tuple, or the dataclass' fields
         self._dynamic: list[tuple[int, int]] = []  # (flat input, dim) marked dynamic
         self._flat_objects: dict[int, tuple[object, list[torch.Tensor]]] = {}
-        self._names: list[str] = []  # the flat inputs' names in the guards
+        self._scope: list[str] = []  # the flat inputs' names in the guards: t0, t1, ...
 
     def __call__(self, *args):
         if self._kinds is None:
             self._kinds = [_kind(a) for a in args]
         flat = self._flatten(args)
-        if not self._dynamic and not self.graphs:
+        if not self.graphs:
             self._dynamic = [(i, d) for i, t in enumerate(flat) for d in sorted(_marked_dynamic(t))]
+            self._scope = [f"t{i}" for i in range(len(flat))]
         key = tuple(flat[i].shape[d] == 1 for i, d in self._dynamic)
         graphs = self.graphs.setdefault(key, [])
         for check, graph in graphs:
-            if check is None or eval(check, _GUARD_GLOBALS, {"L": dict(zip(self._names, flat))}):
+            if check is None or eval(check, _GUARD_GLOBALS, {"L": dict(zip(self._scope, flat))}):
                 return graph(*flat)
         check, graph = self._compile(args, flat)
         graphs.append((check, graph))
@@ -124,7 +125,6 @@ class CompiledFunction:
         with torch._inductor.config.patch(options):
             compiled = torch._inductor.compile(graph, fakes)
         guards = shape_env.produce_guards_expression(fakes)  # over L["t0"], L["t1"], ...
-        self._names = [f"t{i}" for i in range(len(flat))]
         return (None if guards is None else compile(guards, "<guards>", "eval")), compiled
 
 

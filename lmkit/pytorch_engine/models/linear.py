@@ -12,7 +12,7 @@ that changes every step that cache grows by hundreds of MiB. So the rows are bou
 runs as one piece and the rest as further pieces. 38 shapes in all; a full 2,048-token prefill step is one
 GEMM per weight, without the copy that joining pieces costs (70 ms of SmolLM2-135M's 1.1 s at 2,048 rows).
 
-Traced for Inductor (models/compiled.py, or under `torch.compile`), the packed GEMMs are the opaque ops
+Traced for Inductor (models/compiled.py), the packed GEMMs are the opaque ops
 `lmkit::packed_linear` and `lmkit::packed_linear_add` (Inductor lowers oneDNN's own linear op only for weights
 it has frozen as constants itself).
 """
@@ -35,8 +35,8 @@ _MAX_PIECE = 2048  # up to this many
 
 
 def padded_rows(rows: int) -> int:
-    """The row count a GEMM of `rows` (<= _PADDED_ROWS) rows runs at on the oneDNN path."""
-    return rows if rows <= _EXACT_ROWS else -(-rows // _ROW_STEP) * _ROW_STEP
+    """The row count a GEMM piece of `rows` rows (see `row_pieces`) runs at on the oneDNN path."""
+    return rows if rows <= _EXACT_ROWS or rows > _PADDED_ROWS else -(-rows // _ROW_STEP) * _ROW_STEP
 
 
 def row_pieces(rows: int) -> list[tuple[int, int]]:
@@ -61,16 +61,14 @@ def packs_on(device: torch.device, dtype: torch.dtype) -> bool:
 
 def _runs_whole(rows: int) -> bool:
     """Whether a GEMM of `rows` rows is one oneDNN call on `rows` rows as they are (no padding, no pieces)."""
-    return padded_rows(rows) == rows if rows <= _PADDED_ROWS else rows <= _MAX_PIECE and rows % _PIECE_STEP == 0
+    return len(row_pieces(rows)) == 1 and padded_rows(rows) == rows
 
 
 def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     rows = x.shape[0]
-    if rows > _PADDED_ROWS:
-        pieces = row_pieces(rows)
-        if len(pieces) > 1:
-            return torch.cat([_packed_linear(x[i : i + n], weight, bias) for i, n in pieces])
-    padded = rows if rows > _PADDED_ROWS else padded_rows(rows)
+    if rows > _PADDED_ROWS and len(pieces := row_pieces(rows)) > 1:
+        return torch.cat([_packed_linear(x[i : i + n], weight, bias) for i, n in pieces])
+    padded = padded_rows(rows)
     if padded != rows:
         x = torch.cat([x, x.new_zeros(padded - rows, x.shape[1])])
     y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
@@ -95,10 +93,6 @@ def traced() -> Iterator[None]:
         yield
     finally:
         _tracing = before
-
-
-def _as_op() -> bool:
-    return _tracing or torch.compiler.is_compiling()
 
 
 # Defined with the plain Library API rather than `torch.library.custom_op`, whose Python wrapper (output alias
@@ -146,7 +140,7 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.packed:
             return F.linear(x, self.weight, self.bias)
-        if _as_op():
+        if _tracing:
             return packed_linear(x, self.weight, self.bias)
         return _packed_linear(x, self.weight, self.bias)  # eager: without the op's dispatch
 
@@ -154,6 +148,6 @@ class Linear:
         """x @ weight.T (+ bias) + residual, as one fused op where the backend has one."""
         if not self.packed:
             return residual + F.linear(x, self.weight, self.bias)
-        if _as_op():
+        if _tracing:
             return packed_linear_add(x, residual, self.weight, self.bias)
         return _packed_linear_add(x, residual, self.weight, self.bias)
