@@ -23,7 +23,6 @@ import os
 import resource
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass
 
@@ -34,6 +33,7 @@ import lmkit  # noqa: E402, F401  (first: it sets OpenMP's spin policy, which to
 # isort: split
 import torch  # noqa: E402
 
+from lmkit.cpu_threads import in_passing_thread  # noqa: E402
 from lmkit.frontend.protocol import EngineRequest, SamplingParams  # noqa: E402
 from lmkit.model.loader import resolve_model_path  # noqa: E402
 
@@ -254,25 +254,6 @@ def run_backend(backend: str, dtype_name: str, label: str, model_path, args) -> 
     return cells
 
 
-def in_own_thread(fn, *a):
-    """fn(*a) in a thread that ends with it, taking the OpenMP pool its CPU ops created along."""
-    out: list = []
-    errors: list[BaseException] = []
-
-    def body():
-        try:
-            out.append(fn(*a))
-        except BaseException as e:  # re-raised in the caller
-            errors.append(e)
-
-    t = threading.Thread(target=body)
-    t.start()
-    t.join()
-    if errors:
-        raise errors[0]
-    return out[0]
-
-
 def summary(rounds: list[list[Cell]]) -> str:
     """Median output tok/s of each cell over the rounds, and of each engine's ratio to each HF run, per round."""
     key = lambda c: (c.batch, c.input_len, c.output_len)  # noqa: E731
@@ -316,7 +297,7 @@ def main(argv=None) -> None:
         for backend, dtype_name in runs:
             label = f"hf ({dtype_name})" if backend == "hf" and args.hf_dtype != [args.dtype] else backend
             if backend == "hf" and args.device == "cpu":
-                cells += in_own_thread(run_backend, backend, dtype_name, label, model_path, args)
+                cells += in_passing_thread(run_backend, backend, dtype_name, label, model_path, args)
             else:
                 cells += run_backend(backend, dtype_name, label, model_path, args)
         rounds.append(cells)
