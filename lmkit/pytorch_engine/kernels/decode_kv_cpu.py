@@ -104,17 +104,22 @@ class DecodeKV:
         if nbytes > self.max_bytes:
             return False
         shape = (new_rows, self.num_kv_heads, new_capacity, self.head_dim)
-        keep = (slice(min(row_capacity, new_rows)), slice(None), slice(min(self.capacity, new_capacity)))
+        kept_rows, kept = min(row_capacity, new_rows), min(self.capacity, new_capacity)
         for rows_of in (self.k, self.v):
             if not rows_of:
                 rows_of.extend([None] * len(self.pools))
             for i, old in enumerate(rows_of):  # one layer at a time, so old and new never all coexist
-                # zeros, not empty: masked positions are multiplied by 0 and must not hold NaN/inf bit patterns
-                rows_of[i] = torch.zeros(shape, dtype=k0.dtype, device=k0.device)
-                torch._dynamo.maybe_mark_dynamic(rows_of[i], 0)  # one compiled graph for every shape of rows
-                torch._dynamo.maybe_mark_dynamic(rows_of[i], 2)
-                if old is not None:
-                    rows_of[i][keep] = old[keep]
+                new = rows_of[i] = torch.empty(shape, dtype=k0.dtype, device=k0.device)
+                torch._dynamo.maybe_mark_dynamic(new, 0)  # one compiled graph for every shape of rows
+                torch._dynamo.maybe_mark_dynamic(new, 2)
+                # Each element written once: what is kept, zeros elsewhere (masked positions are multiplied by 0
+                # and must not hold NaN/inf bit patterns).
+                if old is None:
+                    new.zero_()
+                    continue
+                new[:kept_rows, :, :kept] = old[:kept_rows, :, :kept]
+                new[:kept_rows, :, kept:] = 0
+                new[kept_rows:] = 0
         self.capacity = new_capacity
         return True
 
