@@ -4,11 +4,14 @@ KV cache of one layer (written before attention runs, so the new tokens are alre
 
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
     block_tables:     [num_seqs, max_blocks_per_seq] int32   (block ids in token order)
-    context_lens:     [num_seqs] int32                       (tokens in the cache, new ones included)
+    context_lens:     [num_seqs] int32                       (tokens in the cache, new ones included; a
+                                                             decode row of length 0 is padding, left unwritten)
 
-Decode (one query token per sequence) is flash-decoding: the context is cut into splits that run in
-parallel, each keeping an online softmax (max m, sum l, unnormalised acc); a second kernel merges them.
-A program handles all query heads of one KV head, so each K/V tile is read once per group.
+Decode (one query token per sequence) is flash-decoding: the context is cut into splits of at most 16 blocks
+that run in parallel, each keeping an online softmax (max m, sum l, unnormalised acc); a second kernel merges
+them. A program handles all query heads of one KV head, so each K/V tile is read once per group. Both kernels
+read keys in tiles of 64 gathered from several blocks: at 16-token blocks a tile per block left the loop
+latency-bound.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def _decode_split_kernel(
     AccOut,
     MOut,
     LOut,
-    scale,
+    scale_log2,
     window,
     stride_qb,
     stride_qh,
@@ -44,26 +47,28 @@ def _decode_split_kernel(
     stride_as,
     stride_mb,
     stride_mh,
-    blocks_per_split,
+    split_len,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    TILE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(ContextLens + b)
-    num_blocks = tl.cdiv(ctx, BLOCK_SIZE)
-    first = split * blocks_per_split
-    last = tl.minimum(first + blocks_per_split, num_blocks)
-    if window > 0:  # sliding window: skip blocks wholly before it
-        first = tl.maximum(first, (ctx - window) // BLOCK_SIZE)
+    first = split * split_len
+    if first >= ctx:  # past this sequence's end: the merge reads only splits that start inside the context
+        return
+    last = tl.minimum(first + split_len, ctx)
+    if window > 0:  # sliding window: skip tiles wholly before it
+        first = tl.maximum(first, (ctx - window) // TILE * TILE)
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_s = tl.arange(0, BLOCK_SIZE)
+    offs_t = tl.arange(0, TILE)
     heads = kv_head * GROUP + offs_g
     g_mask = offs_g < GROUP
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=g_mask[:, None], other=0.0)
@@ -71,21 +76,25 @@ def _decode_split_kernel(
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_sum = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    for blk in range(first, last):
-        block_id = tl.load(BlockTables + b * stride_bt + blk).to(tl.int64)
-        k = tl.load(K + block_id * stride_kb + offs_s[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :])
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        pos = blk * BLOCK_SIZE + offs_s
-        valid = pos < ctx
+    table = BlockTables + b * stride_bt
+    for start in range(first, last, TILE):  # a tile spans TILE // BLOCK_SIZE blocks (or part of one)
+        pos = start + offs_t
+        valid = pos < last
         if window > 0:
             valid = valid & (pos >= ctx - window)
+        block_id = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        slot = pos % BLOCK_SIZE
+        k_rows = K + block_id * stride_kb + slot * stride_ks + kv_head * stride_kh
+        k = tl.load(k_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # log2 units: exp2 below
         qk = tl.where(valid[None, :], qk, float("-inf"))
         m_new = tl.maximum(m, tl.max(qk, 1))
         m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # a fully masked row must not make NaNs
-        p = tl.exp(qk - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m - m_safe)
         l_sum = l_sum * alpha + tl.sum(p, 1)
-        v = tl.load(V + block_id * stride_vb + offs_s[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :])
+        v_rows = V + block_id * stride_vb + slot * stride_vs + kv_head * stride_vh
+        v = tl.load(v_rows[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
 
@@ -101,6 +110,7 @@ def _decode_merge_kernel(
     AccIn,
     MIn,
     LIn,
+    ContextLens,
     Out,
     stride_ab,
     stride_ah,
@@ -109,19 +119,22 @@ def _decode_merge_kernel(
     stride_mh,
     stride_ob,
     stride_oh,
-    num_splits,
+    split_len,
     SPLITS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
+    ctx = tl.load(ContextLens + b)
+    if ctx == 0:  # a padding row of a graph-captured mixed step: no output
+        return
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
-    s_mask = offs_s < num_splits
+    s_mask = offs_s < tl.cdiv(ctx, split_len)  # the splits that ran
     m = tl.load(MIn + b * stride_mb + h * stride_mh + offs_s, mask=s_mask, other=float("-inf"))
     l_sum = tl.load(LIn + b * stride_mb + h * stride_mh + offs_s, mask=s_mask, other=0.0)
     m_max = tl.max(m, 0)
-    w = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)
+    w = tl.where(m > float("-inf"), tl.math.exp2(m - m_max), 0.0)
     acc = tl.load(
         AccIn + b * stride_ab + h * stride_ah + offs_s[:, None] * stride_as + offs_d[None, :],
         mask=s_mask[:, None],
@@ -136,10 +149,25 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+_LOG2E = 1.4426950408889634
+_DECODE_TILE = 64  # keys per loop iteration (four 16-token blocks, gathered into one tile)
+_MAX_SPLIT_BLOCKS = 16  # a split's most blocks: long contexts get more splits, not longer programs
+
+
 def num_decode_splits(max_blocks_per_seq: int, num_seqs: int, num_kv_heads: int, num_sms: int = 132) -> int:
-    """Enough splits to fill the GPU (~2 waves), each at least one block; fixed for a given shape (graphs)."""
-    want = triton.cdiv(2 * num_sms, max(num_seqs * num_kv_heads, 1))
-    return max(1, min(want, max_blocks_per_seq, 64))
+    """Splits of each sequence's blocks: enough to fill the GPU (~4 programs per SM), and at most
+    _MAX_SPLIT_BLOCKS blocks each so that in a large batch the longest sequence does not keep a few programs
+    running long after the rest. Programs past a sequence's end exit at once. Fixed for a given shape (graphs)."""
+    want = triton.cdiv(4 * num_sms, max(num_seqs * num_kv_heads, 1))
+    want = max(want, triton.cdiv(max_blocks_per_seq, _MAX_SPLIT_BLOCKS))
+    return max(1, min(want, max_blocks_per_seq, 256))
+
+
+def _split_len(max_blocks: int, num_splits: int, block_size: int) -> int:
+    """Keys per split: whole blocks, and whole tiles where a tile spans several blocks."""
+    blocks = triton.cdiv(max_blocks, num_splits)
+    per_tile = max(1, _DECODE_TILE // block_size)
+    return triton.cdiv(blocks, per_tile) * per_tile * block_size
 
 
 def paged_decode_attention(
@@ -160,7 +188,8 @@ def paged_decode_attention(
     max_blocks = block_tables.shape[1]
     if num_splits is None:
         num_splits = num_decode_splits(max_blocks, num_seqs, num_kv_heads)
-    blocks_per_split = triton.cdiv(max_blocks, num_splits)
+    split_len = _split_len(max_blocks, num_splits, block_size)
+    num_splits = triton.cdiv(max_blocks * block_size, split_len)
     acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
     m = torch.empty(num_seqs, num_heads, num_splits, device=q.device, dtype=torch.float32)
     lsum = torch.empty_like(m)
@@ -173,7 +202,7 @@ def paged_decode_attention(
         acc,
         m,
         lsum,
-        scale,
+        scale * _LOG2E,
         window,
         q.stride(0),
         q.stride(1),
@@ -189,11 +218,12 @@ def paged_decode_attention(
         acc.stride(2),
         m.stride(0),
         m.stride(1),
-        blocks_per_split,
+        split_len,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
+        TILE=_DECODE_TILE,
         PRECISION=_precision(q.dtype),
         num_warps=4,
         num_stages=2,
@@ -204,6 +234,7 @@ def paged_decode_attention(
         acc,
         m,
         lsum,
+        context_lens,
         out,
         acc.stride(0),
         acc.stride(1),
@@ -212,7 +243,7 @@ def paged_decode_attention(
         m.stride(1),
         out.stride(0),
         out.stride(1),
-        num_splits,
+        split_len,
         SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
         HEAD_DIM=head_dim,
         num_warps=4,
@@ -229,7 +260,7 @@ def _prefill_kernel(
     BlockTables,
     CuSeqlensQ,
     ContextLens,
-    scale,
+    scale_log2,
     window,
     stride_qt,
     stride_qh,
@@ -246,6 +277,7 @@ def _prefill_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -260,7 +292,7 @@ def _prefill_kernel(
     kv_head = h // GROUP
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_s = tl.arange(0, BLOCK_SIZE)
+    offs_n = tl.arange(0, TILE_N)
     m_mask = offs_m < q_len
     q = tl.load(
         Q + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=m_mask[:, None], other=0.0
@@ -273,22 +305,27 @@ def _prefill_kernel(
     end = tl.minimum(ctx, q_pos0 + (tile + 1) * BLOCK_M)
     first = 0
     if window > 0:
-        first = tl.maximum(0, q_pos0 + tile * BLOCK_M - window + 1) // BLOCK_SIZE
-    for blk in range(first, tl.cdiv(end, BLOCK_SIZE)):
-        block_id = tl.load(BlockTables + b * stride_bt + blk).to(tl.int64)
-        k = tl.load(K + block_id * stride_kb + offs_s[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :])
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        k_pos = blk * BLOCK_SIZE + offs_s
-        valid = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < ctx)
+        first = tl.maximum(0, q_pos0 + tile * BLOCK_M - window + 1) // TILE_N * TILE_N
+    table = BlockTables + b * stride_bt
+    for start in range(first, end, TILE_N):  # TILE_N keys, gathered from TILE_N // BLOCK_SIZE blocks
+        k_pos = start + offs_n
+        in_ctx = k_pos < end
+        block_id = tl.load(table + k_pos // BLOCK_SIZE, mask=in_ctx, other=0).to(tl.int64)
+        slot = k_pos % BLOCK_SIZE
+        k_rows = K + block_id * stride_kb + slot * stride_ks + kv_head * stride_kh
+        k = tl.load(k_rows[:, None] + offs_d[None, :], mask=in_ctx[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        valid = (k_pos[None, :] <= q_pos[:, None]) & in_ctx[None, :]
         if window > 0:
             valid = valid & (k_pos[None, :] > q_pos[:, None] - window)
         qk = tl.where(valid, qk, float("-inf"))
         m_new = tl.maximum(m, tl.max(qk, 1))
         m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-        p = tl.exp(qk - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m - m_safe)
         l_sum = l_sum * alpha + tl.sum(p, 1)
-        v = tl.load(V + block_id * stride_vb + offs_s[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :])
+        v_rows = V + block_id * stride_vb + slot * stride_vs + kv_head * stride_vh
+        v = tl.load(v_rows[:, None] + offs_d[None, :], mask=in_ctx[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
@@ -328,7 +365,7 @@ def paged_prefill_attention(
         block_tables,
         cu_seqlens_q,
         context_lens,
-        scale,
+        scale * _LOG2E,
         window,
         q.stride(0),
         q.stride(1),
@@ -345,6 +382,7 @@ def paged_prefill_attention(
         HEAD_DIM=head_dim,
         BLOCK_M=block_m,
         BLOCK_SIZE=block_size,
+        TILE_N=64 if q.dtype != torch.float32 else 32,
         PRECISION=_precision(q.dtype),
         num_warps=4,
         num_stages=2,
