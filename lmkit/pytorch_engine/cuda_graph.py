@@ -1,4 +1,5 @@
-"""CUDA graphs for decode steps: one graph per batch-size bucket, one shared memory pool, static inputs.
+"""CUDA graphs for decode steps (one per batch-size bucket) and for steps that mix decodes with prefill chunks
+(one per bucket of prefill tokens); one shared memory pool, static inputs.
 
 A decode-only step of n sequences replays the graph of the smallest bucket >= n. Padding rows write to
 slot -1 (skipped by write_kv) and attend over one token of block 0; their logits are never read.
@@ -7,6 +8,14 @@ Static buffers (bucket rows, filled each step by three host-to-device copies):
     ids_pos_slots [3, B] int64 = input_ids, positions, slot_mapping
     block_tables [B, max_blocks] int32 (only the batch's widest table is copied: columns past a row's
     blocks are never read)   context_lens [B] int32
+
+Mixed steps are laid out for a graph as (D = max batch size, P = _MAX_CHUNKS, t = the prefill bucket):
+
+    rows:   [ decode rows | padding up to D | prefill chunks | padding up to D + t ]
+    ints    [3 * (D + t) + D + P] int64 = input_ids, positions, slot_mapping, then the rows that sample
+    tables  [D + P, max_blocks] int32 = decode rows' block tables, then the chunks'
+    lens    [D + 2 * P + 1] int32 = decode context lens (0: padding, skipped), chunk context lens,
+            chunk cu_seqlens (rows after the D decode rows; chunks past the step's have no rows)
 """
 
 from __future__ import annotations
@@ -18,6 +27,9 @@ from lmkit.pytorch_engine.kernels import AttentionMetadata
 from lmkit.pytorch_engine.kernels.metadata import padded_table
 
 _BUCKETS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
+# Prefill tokens of a mixed step; finer where most steps are (a chunk or two next to a full batch of decodes).
+_PREFILL_BUCKETS = [64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048]
+_MAX_CHUNKS = 16  # prefill chunks in a graph-captured mixed step; a step with more runs eagerly
 
 
 def meta_window(spec: ModelSpec) -> int:
@@ -69,16 +81,7 @@ class DecodeGraphs:
         return self.model.forward(self.input_ids[:b], self.positions[:b], self._meta(b), self.kv_caches, self.rows[:b])
 
     def _capture(self, b: int) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # compile the Triton kernels and warm cuBLAS outside the capture
-                self._forward(b)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self._forward(b)
-        self.pool = graph.pool()
+        graph, out, self.pool = capture(lambda: self._forward(b), self.pool)
         self.graphs[b] = (graph, out)
 
     def replay(self, input_ids, positions, slots, tables: list[list[int]], lens: list[int]) -> torch.Tensor:
@@ -96,3 +99,105 @@ class DecodeGraphs:
         graph, out = self.graphs[b]
         graph.replay()
         return out
+
+
+def capture(forward, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, object]:
+    """Capture forward() in a graph on `pool` (None: a new one); returns the graph, its output and its pool."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # compile the Triton kernels and warm cuBLAS outside the capture
+            forward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = forward()
+    return graph, out, graph.pool()
+
+
+class MixedGraphs:
+    """Captured forwards of steps with prefill chunks, by prefill-token bucket (layout in the module docstring).
+
+    Up to D decode rows and _MAX_CHUNKS chunks of up to max_prefill_tokens tokens in all. The decode part is always
+    D rows (padding skipped by attention) so that the prefill rows start at a fixed row; the GEMMs pay for the
+    padding, a few rows once the batch is full."""
+
+    def __init__(self, model, kv_caches, max_batch_size: int, max_blocks: int, max_prefill_tokens: int, window: int):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.window = window
+        self.max_blocks = max_blocks
+        self.buckets = [b for b in _PREFILL_BUCKETS if b < max_prefill_tokens] + [max_prefill_tokens]
+        d, p = max_batch_size, _MAX_CHUNKS
+        self.num_decode, self.num_chunks = d, p
+        dev = model.device
+        self.ints = torch.zeros(3 * (d + self.buckets[-1]) + d + p, dtype=torch.long, device=dev)
+        self.tables = torch.zeros(d + p, max_blocks, dtype=torch.int32, device=dev)
+        self.lens = torch.zeros(d + 2 * p + 1, dtype=torch.int32, device=dev)
+        num_sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        from lmkit.pytorch_engine.kernels.triton.paged_attention import num_decode_splits  # needs triton (CUDA)
+
+        self.num_splits = num_decode_splits(max_blocks, d, model.spec.num_kv_heads, num_sms)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def capture_all(self) -> None:
+        """Capture every bucket's graph now, largest first; with all lengths 0 attention reads nothing."""
+        self.lens.zero_()
+        for t in reversed(self.buckets):
+            rows = self.num_decode + t
+            self.ints.zero_()
+            self.ints[2 * rows : 3 * rows].fill_(-1)  # slot -1: no KV written
+            graph, out, self.pool = capture(lambda t=t: self._forward(t), self.pool)
+            self.graphs[t] = (graph, out)
+
+    def fits(self, num_decode: int, chunks: list[tuple[list[int], int, int]]) -> bool:
+        """Whether a step of num_decode decode rows and these chunks has a captured graph."""
+        num_tokens = sum(n for _, _, n in chunks)
+        if num_decode > self.num_decode or len(chunks) > self.num_chunks or num_tokens > self.buckets[-1]:
+            return False
+        return next(b for b in self.buckets if b >= num_tokens) in self.graphs
+
+    def _num_ints(self, t: int) -> int:
+        return 3 * (self.num_decode + t) + self.num_decode + self.num_chunks
+
+    def _forward(self, t: int) -> torch.Tensor:
+        d, p = self.num_decode, self.num_chunks
+        rows = d + t
+        ids, positions, slots = self.ints[: 3 * rows].view(3, rows).unbind(0)
+        logits_rows = self.ints[3 * rows : self._num_ints(t)]
+        meta = AttentionMetadata(slot_mapping=slots, num_decode=d)
+        meta.sliding_window = self.window
+        meta.decode_block_tables, meta.prefill_block_tables = self.tables[:d], self.tables[d:]
+        meta.decode_context_lens = self.lens[:d]
+        meta.prefill_context_lens = self.lens[d : d + p]
+        meta.prefill_cu_seqlens_q = self.lens[d + p :]
+        meta.decode_num_splits = self.num_splits
+        meta.prefill_max_query_len = t
+        return self.model.forward(ids, positions, meta, self.kv_caches, logits_rows)
+
+    def replay(self, inputs: tuple[list[int], list[int], list[int]], decode_tables, decode_lens, chunks, logits_rows):
+        """A step of len(decode_lens) decode rows, then the chunks (block_table, context_len, num_tokens); inputs are
+        (input_ids, positions, slots) in that row order. Returns logits [len(logits_rows), vocab] (a view)."""
+        d, p = self.num_decode, self.num_chunks
+        nd = len(decode_lens)
+        num_tokens = sum(n for _, _, n in chunks)
+        t = next(b for b in self.buckets if b >= num_tokens)
+        ints = []
+        for values, fill in zip(inputs, (0, 0, -1)):
+            pad_d, pad_t = [fill] * (d - nd), [fill] * (t - num_tokens)
+            ints += values[:nd] + pad_d + values[nd:] + pad_t
+        ints += [r if r < nd else r + d - nd for r in logits_rows] + [0] * (d + p - len(logits_rows))
+        self.ints[: len(ints)].copy_(torch.tensor(ints), non_blocking=True)
+        tables = decode_tables + [[]] * (d - nd) + [table for table, _, _ in chunks]
+        width = max(len(table) for table in tables)
+        self.tables[: len(tables), :width].copy_(padded_table(tables, width), non_blocking=True)
+        cu = [0]
+        for _, _, n in chunks:
+            cu.append(cu[-1] + n)
+        ctx = [c for _, c, _ in chunks]
+        lens = decode_lens + [0] * (d - nd) + ctx + [0] * (p - len(ctx)) + cu + [cu[-1]] * (p - len(ctx))
+        self.lens.copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
+        graph, out = self.graphs[t]
+        graph.replay()
+        return out[: len(logits_rows)]

@@ -115,6 +115,7 @@ class PytorchEngine:
             max_batch_size=config.max_batch_size,
             max_model_len=min(self.session_len, num_blocks * block_size),
             eager=config.eager_mode,
+            max_num_batched_tokens=config.max_num_batched_tokens,
         )
         return num_blocks
 

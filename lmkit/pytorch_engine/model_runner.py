@@ -15,7 +15,7 @@ import time
 import torch
 
 from lmkit.model.spec import ModelSpec
-from lmkit.pytorch_engine.cuda_graph import DecodeGraphs, meta_window
+from lmkit.pytorch_engine.cuda_graph import DecodeGraphs, MixedGraphs, meta_window
 from lmkit.pytorch_engine.kernels import AttentionMetadata, PrefillBatch, PrefillChunk, reads_paged_cache
 from lmkit.pytorch_engine.kernels.attention_cpu import visibility_bias
 from lmkit.pytorch_engine.kernels.decode_kv_cpu import DecodeKV
@@ -42,8 +42,10 @@ class ModelRunner:
         max_batch_size: int = 256,
         max_model_len: int = 4096,
         eager: bool = False,
+        max_num_batched_tokens: int = 2048,
     ) -> None:
-        """eager: no CUDA graphs (GPU), no compiled decode layers (CPU)."""
+        """eager: no CUDA graphs (GPU), no compiled decode layers (CPU). max_num_batched_tokens: a step's token
+        budget (the largest mixed-step graph)."""
         self.spec = spec
         self.device = device
         self.block_size = block_size
@@ -58,9 +60,14 @@ class ModelRunner:
             pool_bytes = sum(k.nbytes + v.nbytes for k, v in self.kv_caches)
             self.decode_kv = DecodeKV(self.kv_caches, block_size, max_bytes=pool_bytes // 2)
         self.graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
         if device.type == "cuda" and not eager:
             max_blocks = -(-max_model_len // block_size)
-            self.graphs = DecodeGraphs(self.model, self.kv_caches, max_batch_size, max_blocks, meta_window(spec))
+            window = meta_window(spec)
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, max_batch_size, max_blocks, window)
+            self.mixed_graphs = MixedGraphs(
+                self.model, self.kv_caches, max_batch_size, max_blocks, max_num_batched_tokens, window
+            )
 
     @torch.inference_mode()
     def warm_up(self) -> None:
@@ -70,9 +77,12 @@ class ModelRunner:
         decode steps. These write into block 0, which holds nothing yet; their dense rows are dropped."""
         if self.graphs is not None:
             start = time.perf_counter()
+            self.mixed_graphs.capture_all()  # the largest first: the decode graphs then fit in its memory pool
+            self.graphs.pool = self.mixed_graphs.pool
             self.graphs.capture_all()
             took = time.perf_counter() - start
-            print(f"[lmkit] {len(self.graphs.graphs)} decode CUDA graphs captured in {took:.1f} s", file=sys.stderr)
+            num = f"{len(self.graphs.graphs)} decode and {len(self.mixed_graphs.graphs)} mixed-step"
+            print(f"[lmkit] {num} CUDA graphs captured in {took:.1f} s", file=sys.stderr)
             return
         paths = [self.model.prefill_path, self.model.decode_path]
         if not any(path.on for path in paths):
@@ -138,6 +148,11 @@ class ModelRunner:
             rows = len(logits_rows)  # rows ascend: range(rows) when every row samples, sliced without a gather
             picked = logits[:rows] if rows and logits_rows[-1] == rows - 1 else logits[logits_rows]
             return picked.float(), sample_idx  # a copy: the next replay overwrites the graph's output
+        mixed = self.mixed_graphs
+        if mixed is not None and chunks and mixed.fits(len(decode_lens), chunks):
+            inputs = (input_ids, positions, slots)
+            logits = mixed.replay(inputs, decode_tables, decode_lens, chunks, logits_rows)
+            return logits.float(), sample_idx
         dev = self.device
         meta.slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
         if self.paged:

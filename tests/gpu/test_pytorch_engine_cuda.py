@@ -52,7 +52,7 @@ def hf_greedy(path, prompts, max_new_tokens: int, dtype=torch.float32) -> list[l
 def test_greedy_matches_hf_fp32(tiny_model_dir, kind, eager):
     torch.backends.cuda.matmul.allow_tf32 = False
     path = tiny_model_dir(kind)
-    # A small token budget mixes prefill chunks with decodes; graphs (when on) serve the decode-only steps.
+    # A small token budget mixes prefill chunks with decodes; graphs (when on) serve both kinds of step.
     cfg = PytorchEngineConfig(
         device="cuda",
         dtype="float32",
@@ -64,9 +64,15 @@ def test_greedy_matches_hf_fp32(tiny_model_dir, kind, eager):
     )
     engine = PytorchEngine(path, cfg)
     try:
+        mixed_replays = []
+        if not eager:
+            mixed = engine.runner.mixed_graphs
+            replay = mixed.replay
+            mixed.replay = lambda *args: mixed_replays.append(1) or replay(*args)
         got = run_greedy(engine, PROMPTS, 32)
         if not eager:
             assert engine.runner.graphs is not None and engine.runner.graphs.graphs, "no CUDA graph was replayed"
+            assert mixed_replays, "no mixed-step CUDA graph was replayed"
     finally:
         engine.shutdown()
     assert got == hf_greedy(path, PROMPTS, 32)
