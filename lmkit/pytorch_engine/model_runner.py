@@ -18,7 +18,7 @@ from lmkit.model.spec import ModelSpec
 from lmkit.pytorch_engine.cuda_graph import DecodeGraphs, MixedGraphs, meta_window
 from lmkit.pytorch_engine.kernels import AttentionMetadata, PrefillBatch, PrefillChunk, reads_paged_cache
 from lmkit.pytorch_engine.kernels.attention_cpu import visibility_bias
-from lmkit.pytorch_engine.kernels.decode_kv_cpu import DecodeKV
+from lmkit.pytorch_engine.kernels.decode_kv_cpu import TILED_ROWS, DecodeKV
 from lmkit.pytorch_engine.kernels.metadata import padded_table
 from lmkit.pytorch_engine.models.llama import LlamaForCausalLM
 from lmkit.pytorch_engine.scheduler import ScheduledBatch
@@ -73,8 +73,9 @@ class ModelRunner:
     def warm_up(self) -> None:
         """Get the steps ready before the first request: capture every decode CUDA graph (GPU), or compile the
         CPU layers: the two halves that prefill and mixed steps run, from a fake prefill of two tokens, and the
-        decode layer for one sequence and for several (a batch of 1 gets a graph of its own), from two fake
-        decode steps. These write into block 0, which holds nothing yet; their dense rows are dropped."""
+        decode layer for one sequence and for several (a batch of 1 gets a graph of its own), with tiled keys and
+        with plain ones (more rows than `TILED_ROWS`), from three fake decode steps. These write into block 0,
+        which holds nothing yet; their dense rows are dropped."""
         if self.graphs is not None:
             start = time.perf_counter()
             self.mixed_graphs.capture_all()  # the largest first: the decode graphs then fit in its memory pool
@@ -97,7 +98,7 @@ class ModelRunner:
         prefill.seqs.append(Sequence("warm-up", [0, 0], block_table=[0]))
         prefill.num_new_tokens.append(2)
         self.run(prefill)
-        for n in (1, 2):
+        for n in (1, 2, TILED_ROWS + 1):
             batch = ScheduledBatch()
             for i in range(n):
                 batch.seqs.append(Sequence(f"warm-up-{i}", [0, 0], num_computed_tokens=1, block_table=[0, 0]))
@@ -121,20 +122,30 @@ class ModelRunner:
                 order, window = [order[r] for r in rows], self.decode_kv
         order += [i for i, n in enumerate(batch.num_new_tokens) if n > 1]
         input_ids, positions, slots, logits_rows, sample_idx = [], [], [], [], []
-        meta = AttentionMetadata(slot_mapping=None, num_decode=len(order) - sum(n > 1 for n in batch.num_new_tokens))
+        num_decode = len(order) - sum(n > 1 for n in batch.num_new_tokens)
+        meta = AttentionMetadata(slot_mapping=None, num_decode=num_decode)
         meta.sliding_window = self.spec.sliding_window or 0
         decode_tables, decode_lens, fresh, chunks = [], [], [], []
-        for i in order:
+        bs = self.block_size
+        for i in order[:num_decode]:  # one token each: the loop below, unrolled (it runs for every sequence)
+            seq = batch.seqs[i]
+            pos, table = seq.num_computed_tokens, seq.block_table
+            input_ids.append(seq.token_ids[pos])
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            decode_tables.append(table)
+            decode_lens.append(pos + 1)
+            if pos + 1 == len(seq.token_ids):  # batch.samples(i)
+                logits_rows.append(len(positions) - 1)
+                sample_idx.append(i)
+        for i in order[num_decode:]:
             seq, n = batch.seqs[i], batch.num_new_tokens[i]
             start = seq.num_computed_tokens
             row = len(input_ids)
             input_ids += seq.token_ids[start : start + n]
             positions += range(start, start + n)
             slots += self._slots(seq.block_table, start, start + n)
-            if n == 1:
-                decode_tables.append(seq.block_table)
-                decode_lens.append(start + 1)
-            elif self.paged:
+            if self.paged:
                 chunks.append((seq.block_table, start + n, n))
             elif self._is_fresh(seq, n):
                 fresh.append((row, n))
