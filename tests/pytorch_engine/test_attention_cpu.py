@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from lmkit.pytorch_engine.kernels import attention_cpu
-from lmkit.pytorch_engine.kernels.decode_kv_cpu import DecodeKV
+from lmkit.pytorch_engine.kernels import attention_cpu, decode_kv_cpu
+from lmkit.pytorch_engine.kernels.decode_kv_cpu import DecodeKV, tiled_attention
 from lmkit.pytorch_engine.kernels.metadata import AttentionMetadata
+from lmkit.pytorch_engine.models import linear
 
 KVH, GROUP, D, BS, LAYERS = 2, 3, 16, 4, 2
 
@@ -29,13 +30,13 @@ class Harness:
         self.dtype, self.window = dtype, window
         self.pools = [
             (
-                attention_cpu.allocate_kv_cache(128, BS, KVH, D, dtype, "cpu"),
-                attention_cpu.allocate_kv_cache(128, BS, KVH, D, dtype, "cpu"),
+                attention_cpu.allocate_kv_cache(256, BS, KVH, D, dtype, "cpu"),
+                attention_cpu.allocate_kv_cache(256, BS, KVH, D, dtype, "cpu"),
             )
             for _ in range(LAYERS)
         ]
         self.dkv = DecodeKV(self.pools, BS, max_bytes)
-        self.free = list(range(128))
+        self.free = list(range(256))
         self.g = torch.Generator().manual_seed(0)
 
     def rand(self, *shape) -> torch.Tensor:
@@ -91,7 +92,7 @@ class Harness:
         """What ModelRunner._decode_context builds for the block-gather path."""
         lens = [s.num_computed_tokens + 1 for s in seqs]
         nb = -(-max(lens) // BS)
-        meta.decode_block_tables = torch.tensor([s.block_table[:nb] for s in seqs])
+        meta.decode_block_tables = torch.tensor([(s.block_table + s.block_table[:1] * nb)[:nb] for s in seqs])
         meta.decode_ctx_len = nb * BS
         pos = torch.arange(nb * BS)
         last = torch.tensor(lens)[:, None] - 1
@@ -112,8 +113,11 @@ class Harness:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 6])
-@pytest.mark.parametrize("use_rows", [True, False])
-def test_decode_matches_reference_as_batches_change(dtype, window, use_rows):
+@pytest.mark.parametrize("layout", ["tiled keys", "plain keys", "paged pool"])
+def test_decode_matches_reference_as_batches_change(dtype, window, layout, monkeypatch):
+    if layout == "plain keys":
+        monkeypatch.setattr(decode_kv_cpu, "TILED_ROWS", 0)
+    use_rows = layout != "paged pool"
     h = Harness(dtype, window)
     a, b, c = h.new_seq(5), h.new_seq(1), h.new_seq(9)
     for _ in range(3):  # rows grow past a block boundary
@@ -128,14 +132,32 @@ def test_decode_matches_reference_as_batches_change(dtype, window, use_rows):
         h.step([d, b, a, c], use_rows)
     if use_rows:
         assert h.dkv.capacity >= max(s.num_computed_tokens for s in (a, b, c, d))
+        assert h.dkv.tiled == (layout == "tiled keys")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_outgrow_tiled_keys(dtype, monkeypatch):
+    """A batch that grows past TILED_ROWS rows turns the tiled keys it holds into plain ones."""
+    monkeypatch.setattr(decode_kv_cpu, "TILED_ROWS", 8)
+    h = Harness(dtype, None)
+    seqs = [h.new_seq(3 + i) for i in range(8)]
+    for _ in range(2):
+        h.step(seqs, use_rows=True)
+    assert h.dkv.tiled
+    seqs.append(h.new_seq(30))
+    for _ in range(2):
+        h.step(seqs, use_rows=True)
+    assert not h.dkv.tiled
 
 
 def test_rows_refuse_a_batch_over_budget():
-    h = Harness(torch.float32, None, max_bytes=2 * LAYERS * 8 * KVH * 32 * D * 4)  # 8 rows of 32 tokens
+    h = Harness(torch.float32, None, max_bytes=2 * LAYERS * 8 * KVH * 64 * D * 4)  # 8 rows of 64 tokens
     seqs = [h.new_seq(3) for _ in range(2)]
     assert h.dkv.prepare(seqs) is not None
-    long = h.new_seq(40)
-    assert h.dkv.prepare(seqs + [long]) is None  # 64 tokens of capacity would not fit
+    assert h.dkv.capacity == 64  # the least: two tiles of keys
+    long = Seq(block_table=[h.free.pop() for _ in range(24)])
+    h.prefill(long, 70)
+    assert h.dkv.prepare(seqs + [long]) is None  # 96 tokens of capacity would not fit
     assert h.dkv.seqs == [] and h.dkv.k == []  # cleared: the runner reads the paged pool this step
     h.step(seqs + [long], use_rows=False)
 
@@ -147,3 +169,22 @@ def test_padded_table():
     assert table.dtype == torch.int32
     assert table.tolist() == [[3, 1, 0, 0], [0, 0, 0, 0], [7, 8, 9, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
     assert padded_table([[5]], width=1).tolist() == [[5]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_forms_of_the_tiled_attention_match_plain_attention(dtype):
+    """The decode rows' attention as traced for Inductor (products and sums) and as run eagerly (matmuls)."""
+    g = torch.Generator().manual_seed(0)
+    n, kvh, group, d, tile, tiles = 3, 2, 3, 16, 32, 2
+    q = torch.randn(n, kvh, group, d, generator=g).to(dtype)
+    k, v = (torch.randn(n, kvh, tiles * tile, d, generator=g).to(dtype) for _ in range(2))
+    k_tiles = k.view(n, kvh, tiles, tile, d).transpose(-1, -2).contiguous()
+    bias = attention_cpu.visibility_bias(torch.tensor([5, 64, 40]), tiles * tile, None)
+    ref = attention_cpu.attend(q.float(), k.float(), v.float(), 0.25, bias)
+    eager = tiled_attention(q, k_tiles, v, 0.25, bias)
+    with linear.traced():
+        traced_form = tiled_attention(q, k_tiles, v, 0.25, bias)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for out in (eager, traced_form):
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)

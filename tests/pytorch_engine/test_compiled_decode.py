@@ -8,11 +8,12 @@ import torch
 
 from lmkit.model.loader import load_model
 from lmkit.pytorch_engine.block_manager import BlockManager
+from lmkit.pytorch_engine.kernels.decode_kv_cpu import TILED_ROWS
 from lmkit.pytorch_engine.model_runner import ModelRunner
 from lmkit.pytorch_engine.scheduler import ScheduledBatch
 from lmkit.pytorch_engine.sequence import Sequence
 
-BS, NUM_BLOCKS = 4, 512
+BS, NUM_BLOCKS = 4, 2048
 
 
 def _runner(path, eager: bool = False) -> ModelRunner:
@@ -55,11 +56,12 @@ def test_one_compilation_serves_every_batch_and_context(tiny_model_dir):
     model = runner.model
     functions = [*model.decode_path.compiled, *model.prefill_path.compiled]
     graphs = [f.num_graphs for f in functions]
-    assert graphs == [2, 1, 1], "warm-up: decode for one sequence and for several; prefill"
+    assert graphs == [1, 2, 1, 1], "warm-up: decode over plain keys; over tiled keys, for one and several; prefill"
     # Prefills of 5 to 35 tokens, alone and mixed with decodes; decode batches of 1 to 7 sequences; contexts
     # from 5 to past 100 tokens cross three steps of the rows' capacity.
     plan = [["a"], ["a"], ["a", "b"], ["a", "b"], ["a", "b", "c", "d", "e", "f", "g"]]
     plan += [["a", "b", "c", "d", "e", "f", "g"]] * 3 + [["b", "d"], ["a", "b", "c"]] * 50 + [["a", "h"]]
+    plan += [["a", "b", "c"] + [f"s{i}" for i in range(TILED_ROWS)]] * 3  # more rows than keep keys tiled
     for _ in _steps(runner, plan, prompt_len={"h": 35}):
         pass
     assert runner.model.decode_path.ran and runner.model.prefill_path.ran
@@ -99,7 +101,7 @@ def test_errors_after_a_compiled_step_are_raised(tiny_model_dir):
     def failing(*args):
         raise RuntimeError("a bug in a layer")
 
-    runner.model.decode_path.compiled = (failing,)
+    runner.model.decode_path.compiled = (failing, failing)
     with pytest.raises(RuntimeError, match="a bug in a layer"):
         next(steps)
     assert runner.decode_kv.seqs == [], "rows that may hold part of the failed step must be dropped"

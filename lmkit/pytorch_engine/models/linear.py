@@ -84,6 +84,11 @@ def _packed_linear_add(x: torch.Tensor, residual: torch.Tensor, weight, bias: to
 _tracing = False
 
 
+def tracing() -> bool:
+    """Whether a graph is being traced for Inductor (models/compiled.py)."""
+    return _tracing
+
+
 @contextmanager
 def traced() -> Iterator[None]:
     """While tracing a graph for Inductor: the packed GEMMs are the custom ops below."""

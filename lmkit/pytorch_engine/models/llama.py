@@ -81,7 +81,8 @@ class LlamaForCausalLM:
         self.ops = DecoderOps.for_device(device, dtype)
         # CPU: decode-only steps over the dense KV rows run each layer as one compiled graph; other steps of more
         # than one token run the two halves of each layer compiled, with the paged attention between them.
-        self.decode_path = CompiledPath("decode", (self._decode_layer,), enabled=compile)
+        # Two compilations of the decode layer: for dense rows whose keys are plain, and tiled (decode_kv_cpu.py).
+        self.decode_path = CompiledPath("decode", (self._decode_layer, self._decode_layer), enabled=compile)
         self.prefill_path = CompiledPath("prefill", (self._attention_inputs, self._attention_output), enabled=compile)
 
     def _layer_weights(self, w, p: str) -> LayerWeights:
@@ -117,7 +118,11 @@ class LlamaForCausalLM:
         h = F.embedding(input_ids, self.embed)
         if meta.decode_window is not None and meta.num_decode == input_ids.shape[0] and self.decode_path.on:
             mark_batch_dynamic(h, *rope, meta.slot_mapping)
-            h = self.decode_path.run(lambda layer_fn: self._layers_over_rows(layer_fn, h, rope, meta, kv_caches))
+            h = self.decode_path.run(
+                lambda plain, tiled: self._layers_over_rows(
+                    tiled if meta.decode_window.tiled else plain, h, rope, meta, kv_caches
+                )
+            )
         elif h.shape[0] > 1 and self.prefill_path.on:
             mark_batch_dynamic(h, *rope)
             h = self.prefill_path.run(lambda pre, post: self._paged_layers(pre, post, h, rope, meta, kv_caches))
