@@ -20,6 +20,8 @@ Mixed steps are laid out for a graph as (D = max batch size, P = _MAX_CHUNKS, t 
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 
 from lmkit.model.spec import ModelSpec
@@ -192,9 +194,7 @@ class MixedGraphs:
         tables = decode_tables + [[]] * (d - nd) + [table for table, _, _ in chunks]
         width = max(len(table) for table in tables)
         self.tables[: len(tables), :width].copy_(padded_table(tables, width), non_blocking=True)
-        cu = [0]
-        for _, _, n in chunks:
-            cu.append(cu[-1] + n)
+        cu = [0, *accumulate(n for _, _, n in chunks)]
         ctx = [c for _, c, _ in chunks]
         lens = decode_lens + [0] * (d - nd) + ctx + [0] * (p - len(ctx)) + cu + [cu[-1]] * (p - len(ctx))
         self.lens.copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)

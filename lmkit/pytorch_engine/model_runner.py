@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+from itertools import accumulate
 
 import torch
 
@@ -198,9 +199,7 @@ class ModelRunner:
         if chunks:
             width = max(len(t) for t, _, _ in chunks)
             meta.prefill_block_tables = padded_table([t for t, _, _ in chunks], width).to(dev)
-            cu = [0]
-            for _, _, n in chunks:
-                cu.append(cu[-1] + n)
+            cu = [0, *accumulate(n for _, _, n in chunks)]
             meta.prefill_cu_seqlens_q = torch.tensor(cu, dtype=i32, device=dev)
             meta.prefill_context_lens = torch.tensor([c for _, c, _ in chunks], dtype=i32, device=dev)
             meta.prefill_max_query_len = max(n for _, _, n in chunks)

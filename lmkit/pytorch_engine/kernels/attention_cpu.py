@@ -93,9 +93,17 @@ def _decode(q: torch.Tensor, k_cache, v_cache, meta: AttentionMetadata, scale: f
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias) -> torch.Tensor:
     """softmax(q k^T * scale + bias) v, the softmax in fp32. q [..., group, D]; k, v [..., ctx, D]; bias
     broadcasts to [..., group, ctx] (fp32, 0 or -inf) or is None. Returns [..., group, D]."""
-    scores = torch.matmul(q, k.transpose(-1, -2))
-    scores = scores.float() * scale if bias is None else torch.add(bias, scores, alpha=scale)
-    return torch.matmul(torch.softmax(scores, dim=-1).to(q.dtype), v)
+    return attend_scores(torch.matmul(q, k.transpose(-1, -2)), v, scale, bias)
+
+
+def attend_scores(scores: torch.Tensor, v: torch.Tensor, scale: float, bias) -> torch.Tensor:
+    """softmax(scores * scale + bias) v, the softmax in fp32, the result in v's dtype."""
+    return torch.matmul(torch.softmax(scaled_scores(scores, scale, bias), dim=-1).to(v.dtype), v)
+
+
+def scaled_scores(scores: torch.Tensor, scale: float, bias) -> torch.Tensor:
+    """scores * scale + bias, in fp32 (bias: fp32 0 or -inf, or None)."""
+    return scores.float() * scale if bias is None else torch.add(bias, scores, alpha=scale)
 
 
 def visibility_bias(lens: torch.Tensor, width: int, window: int | None) -> torch.Tensor | None:

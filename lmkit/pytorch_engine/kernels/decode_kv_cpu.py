@@ -10,7 +10,7 @@ So the sequences in the decode batch also keep their KV in dense rows per layer,
   tile holds its tokens' keys transposed, so the scores of a tile are 32 dot products side by side, and the
   attention runs as loops that Inductor vectorises (fp32 accumulation). Two batched GEMMs (oneDNN `bmm`) cost
   more at small batches: every call pays ~15 µs of set-up, for 3 query rows per KV head. SmolLM2-135M in bf16 on
-  two cores, batch 8: 25.5-25.9 -> 21.5-22.2 ms per output token.
+  two cores, median ms per output token: 27.1 -> 25.1 at batch 1, 24.5 -> 24.0 at 8, 32.1 -> 30.6 at 16.
 - keys, for more rows, like the values: there the loops, which accumulate each output in one chain of
   dependent adds, are slower than `bmm` (batch 32: ~4% per step).
 
@@ -31,7 +31,7 @@ import torch
 import torch._inductor.inductor_prims  # noqa: F401
 import torch.nn.functional as F
 
-from lmkit.pytorch_engine.kernels.attention_cpu import attend, visibility_bias, write_kv
+from lmkit.pytorch_engine.kernels.attention_cpu import attend, attend_scores, scaled_scores, visibility_bias, write_kv
 from lmkit.pytorch_engine.models import linear
 
 _CAP_STEP = 32  # the rows' token capacity moves in steps of this many tokens
@@ -223,18 +223,15 @@ def tiled_attention(q, k_tiles, v, scale: float, bias) -> torch.Tensor:
 
     Traced for Inductor, as broadcast products and sums, which it turns into vectorised loops that accumulate in
     fp32; eagerly (where those would build [n, KVH, group, C, D] products), as batched matmuls."""
-    compiled = linear.tracing()
-    if compiled:
-        qf = torch.ops.prims.inductor_force_stride_order(q.float(), q.stride())
-        scores = (qf[:, :, :, None, :, None] * k_tiles[:, :, None]).sum(-2).flatten(-2)
-    else:  # [n, KVH, 1, group, D] @ [n, KVH, C / tile, D, tile] -> [n, KVH, C / tile, group, tile]
-        scores = torch.matmul(q.unsqueeze(2), k_tiles).transpose(2, 3).flatten(-2).float()
-    scores = scores * scale if bias is None else torch.add(bias, scores, alpha=scale)
-    if compiled:  # the softmax's division after the sum over the context: once per output, not per key
-        weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-        out = (weights.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2) / weights.sum(dim=-1).unsqueeze(-1)
-        return out.to(q.dtype)
-    return torch.matmul(torch.softmax(scores, dim=-1).to(q.dtype), v)
+    if not linear.tracing():  # [n, KVH, 1, group, D] @ [n, KVH, C / tile, D, tile] -> [n, KVH, C / tile, group, tile]
+        return attend_scores(torch.matmul(q.unsqueeze(2), k_tiles).transpose(2, 3).flatten(-2), v, scale, bias)
+    # The query in a buffer of its own: else Inductor recomputes its rotary for every tile of keys.
+    qf = torch.ops.prims.inductor_force_stride_order(q.float(), q.stride())
+    scores = scaled_scores((qf[:, :, :, None, :, None] * k_tiles[:, :, None]).sum(-2).flatten(-2), scale, bias)
+    # The softmax's division after the sum over the context: once per output, not once per key.
+    weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+    out = (weights.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2) / weights.sum(dim=-1).unsqueeze(-1)
+    return out.to(q.dtype)
 
 
 def _append(k, v, k_rows, v_rows, key_index, value_index) -> None:
