@@ -9,17 +9,20 @@ Static buffers (bucket rows, filled each step by three host-to-device copies):
     block_tables [B, max_blocks] int32 (only the batch's widest table is copied: columns past a row's
     blocks are never read)   context_lens [B] int32
 
-Mixed steps are laid out for a graph as (D = max batch size, P = _MAX_CHUNKS, t = the prefill bucket):
+Mixed steps are laid out for a graph as (d = the decode bucket, P = _MAX_CHUNKS, t = the prefill bucket):
 
-    rows:   [ decode rows | padding up to D | prefill chunks | padding up to D + t ]
-    ints    [3 * (D + t) + D + P] int64 = input_ids, positions, slot_mapping, then the rows that sample
-    tables  [D + P, max_blocks] int32 = decode rows' block tables, then the chunks'
-    lens    [D + 2 * P + 1] int32 = decode context lens (0: padding, skipped), chunk context lens,
-            chunk cu_seqlens (rows after the D decode rows; chunks past the step's have no rows)
+    rows:   [ decode rows | padding up to d | prefill chunks | padding up to d + t ]
+    ints    [3 * (d + t) + d + P] int64 = input_ids, positions, slot_mapping, then the rows that sample
+    tables  [d + P, max_blocks] int32 = decode rows' block tables, then the chunks'
+    lens    [d + 2 * P + 1] int32 = decode context lens (0: padding, skipped), chunk context lens,
+            chunk cu_seqlens (rows after the d decode rows; chunks past the step's have no rows)
+
+Each (d, t) graph reads the heads of the same three buffers, sized for the largest d and t.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import accumulate
 
 import torch
@@ -32,6 +35,9 @@ _BUCKETS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 38
 # Prefill tokens of a mixed step; finer where most steps are (a chunk or two next to a full batch of decodes).
 _PREFILL_BUCKETS = [64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048]
 _MAX_CHUNKS = 16  # prefill chunks in a graph-captured mixed step; a step with more runs eagerly
+# Decode rows of a mixed step (plus the max batch size). Below ~200 rows a step's GEMMs read weights more than
+# they compute, so finer buckets would gain little and cost 16 graphs each.
+_MIXED_DECODE_BUCKETS = [64, 128]
 
 
 def meta_window(spec: ModelSpec) -> int:
@@ -86,8 +92,9 @@ class DecodeGraphs:
         graph, out, self.pool = capture(lambda: self._forward(b), self.pool)
         self.graphs[b] = (graph, out)
 
-    def replay(self, input_ids, positions, slots, tables: list[list[int]], lens: list[int]) -> torch.Tensor:
-        """Run a decode step of len(lens) sequences; returns logits [bucket, vocab] (rows beyond n are padding)."""
+    def replay(self, input_ids, positions, slots, tables: list[list[int]], lens: list[int], feed=None) -> torch.Tensor:
+        """Run a decode step of len(lens) sequences; returns logits [bucket, vocab] (rows beyond n are padding).
+        feed(ids): fills rows of the device input ids whose tokens are still on the device (pipelined steps)."""
         n = len(lens)
         b = next(x for x in self.buckets if x >= n)
         pad = b - n
@@ -96,6 +103,8 @@ class DecodeGraphs:
         self.ids_pos_slots[:, :b].copy_(torch.tensor(ints), non_blocking=True)
         self.block_tables[:b, :width].copy_(padded_table(tables, width, b), non_blocking=True)
         self.context_lens[:b].copy_(torch.tensor(lens + [1] * pad, dtype=torch.int32), non_blocking=True)
+        if feed is not None:
+            feed(self.input_ids)
         if b not in self.graphs:
             self._capture(b)
         graph, out = self.graphs[b]
@@ -118,11 +127,12 @@ def capture(forward, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, object]:
 
 
 class MixedGraphs:
-    """Captured forwards of steps with prefill chunks, by prefill-token bucket (layout in the module docstring).
+    """Captured forwards of steps with prefill chunks, by (decode bucket, prefill-token bucket); layout in the module
+    docstring.
 
-    Up to D decode rows and _MAX_CHUNKS chunks of up to max_prefill_tokens tokens in all. The decode part is always
-    D rows (padding skipped by attention) so that the prefill rows start at a fixed row; the GEMMs pay for the
-    padding, a few rows once the batch is full."""
+    Up to max_batch_size decode rows and _MAX_CHUNKS chunks of up to max_prefill_tokens tokens in all. The decode
+    part is padded to its bucket (padding skipped by attention) so that the prefill rows start at a fixed row; the
+    GEMMs pay for the padding rows."""
 
     def __init__(self, model, kv_caches, max_batch_size: int, max_blocks: int, max_prefill_tokens: int, window: int):
         self.model = model
@@ -130,6 +140,7 @@ class MixedGraphs:
         self.window = window
         self.max_blocks = max_blocks
         self.buckets = [b for b in _PREFILL_BUCKETS if b < max_prefill_tokens] + [max_prefill_tokens]
+        self.decode_buckets = [b for b in _MIXED_DECODE_BUCKETS if b < max_batch_size] + [max_batch_size]
         d, p = max_batch_size, _MAX_CHUNKS
         self.num_decode, self.num_chunks = d, p
         dev = model.device
@@ -139,65 +150,71 @@ class MixedGraphs:
         num_sms = torch.cuda.get_device_properties(dev).multi_processor_count
         from lmkit.pytorch_engine.kernels.triton.paged_attention import num_decode_splits  # needs triton (CUDA)
 
-        self.num_splits = num_decode_splits(max_blocks, d, model.spec.num_kv_heads, num_sms)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        kv_heads = model.spec.num_kv_heads
+        self.num_splits = {b: num_decode_splits(max_blocks, b, kv_heads, num_sms) for b in self.decode_buckets}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
     def capture_all(self) -> None:
-        """Capture every bucket's graph now, largest first; with all lengths 0 attention reads nothing."""
+        """Capture every bucket pair's graph now, largest first; with all lengths 0 attention reads nothing."""
         self.lens.zero_()
-        for t in reversed(self.buckets):
-            rows = self.num_decode + t
-            self.ints.zero_()
-            self.ints[2 * rows : 3 * rows].fill_(-1)  # slot -1: no KV written
-            graph, out, self.pool = capture(lambda t=t: self._forward(t), self.pool)
-            self.graphs[t] = (graph, out)
+        for d in reversed(self.decode_buckets):
+            for t in reversed(self.buckets):
+                rows = d + t
+                self.ints.zero_()
+                self.ints[2 * rows : 3 * rows].fill_(-1)  # slot -1: no KV written
+                graph, out, self.pool = capture(lambda d=d, t=t: self._forward(d, t), self.pool)
+                self.graphs[d, t] = (graph, out)
 
     def fits(self, num_decode: int, chunks: list[tuple[list[int], int, int]]) -> bool:
         """Whether a step of num_decode decode rows and these chunks has a captured graph."""
         num_tokens = sum(n for _, _, n in chunks)
         if num_decode > self.num_decode or len(chunks) > self.num_chunks or num_tokens > self.buckets[-1]:
             return False
-        return next(b for b in self.buckets if b >= num_tokens) in self.graphs
+        return self._key(num_decode, num_tokens) in self.graphs
 
-    def _num_ints(self, t: int) -> int:
-        return 3 * (self.num_decode + t) + self.num_decode + self.num_chunks
+    def _key(self, num_decode: int, num_tokens: int) -> tuple[int, int]:
+        d = next(b for b in self.decode_buckets if b >= num_decode)
+        return d, next(b for b in self.buckets if b >= num_tokens)
 
-    def _forward(self, t: int) -> torch.Tensor:
-        d, p = self.num_decode, self.num_chunks
+    def _forward(self, d: int, t: int) -> torch.Tensor:
+        p = self.num_chunks
         rows = d + t
         ids, positions, slots = self.ints[: 3 * rows].view(3, rows).unbind(0)
-        logits_rows = self.ints[3 * rows : self._num_ints(t)]
+        logits_rows = self.ints[3 * rows : 3 * rows + d + p]
         meta = AttentionMetadata(slot_mapping=slots, num_decode=d)
         meta.sliding_window = self.window
-        meta.decode_block_tables, meta.prefill_block_tables = self.tables[:d], self.tables[d:]
+        meta.decode_block_tables, meta.prefill_block_tables = self.tables[:d], self.tables[d : d + p]
         meta.decode_context_lens = self.lens[:d]
         meta.prefill_context_lens = self.lens[d : d + p]
-        meta.prefill_cu_seqlens_q = self.lens[d + p :]
-        meta.decode_num_splits = self.num_splits
+        meta.prefill_cu_seqlens_q = self.lens[d + p : d + 2 * p + 1]
+        meta.decode_num_splits = self.num_splits[d]
         meta.prefill_max_query_len = t
         return self.model.forward(ids, positions, meta, self.kv_caches, logits_rows)
 
-    def replay(self, inputs: tuple[list[int], list[int], list[int]], decode_tables, decode_lens, chunks, logits_rows):
+    def replay(self, inputs, decode_tables, decode_lens, chunks, logits_rows, feed: Callable | None = None):
         """A step of len(decode_lens) decode rows, then the chunks (block_table, context_len, num_tokens); inputs are
-        (input_ids, positions, slots) in that row order. Returns logits [len(logits_rows), vocab] (a view)."""
-        d, p = self.num_decode, self.num_chunks
+        (input_ids, positions, slots) in that row order. Returns logits [len(logits_rows), vocab] (a view).
+        feed(ids): as in DecodeGraphs.replay (decode rows come first, unmoved)."""
+        p = self.num_chunks
         nd = len(decode_lens)
         num_tokens = sum(n for _, _, n in chunks)
-        t = next(b for b in self.buckets if b >= num_tokens)
+        d, t = key = self._key(nd, num_tokens)
         ints = []
         for values, fill in zip(inputs, (0, 0, -1)):
             pad_d, pad_t = [fill] * (d - nd), [fill] * (t - num_tokens)
             ints += values[:nd] + pad_d + values[nd:] + pad_t
         ints += [r if r < nd else r + d - nd for r in logits_rows] + [0] * (d + p - len(logits_rows))
         self.ints[: len(ints)].copy_(torch.tensor(ints), non_blocking=True)
+        if feed is not None:
+            feed(self.ints)
         tables = decode_tables + [[]] * (d - nd) + [table for table, _, _ in chunks]
         width = max(len(table) for table in tables)
         self.tables[: len(tables), :width].copy_(padded_table(tables, width), non_blocking=True)
         cu = [0, *accumulate(n for _, _, n in chunks)]
         ctx = [c for _, c, _ in chunks]
         lens = decode_lens + [0] * (d - nd) + ctx + [0] * (p - len(ctx)) + cu + [cu[-1]] * (p - len(ctx))
-        self.lens.copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
-        graph, out = self.graphs[t]
+        self.lens[: len(lens)].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
+        graph, out = self.graphs[key]
         graph.replay()
         return out[: len(logits_rows)]

@@ -6,6 +6,7 @@ import os
 import queue
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from lmkit.pytorch_engine.block_manager import BlockManager
 from lmkit.pytorch_engine.model_runner import ModelRunner, kv_bytes_per_block
 from lmkit.pytorch_engine.sampling import Sampler, SampleRow, argmax
 from lmkit.pytorch_engine.scheduler import ScheduledBatch, Scheduler
-from lmkit.pytorch_engine.sequence import Sequence
+from lmkit.pytorch_engine.sequence import Sequence, SequenceStatus
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _STOP = object()
@@ -86,8 +87,14 @@ class PytorchEngine:
         self._live_ids: set[str] = set()  # guarded by _lock; for duplicate checks in add_request
         self._live: dict[str, Sequence] = {}  # the loop thread's own
         self._num_live_sampled = 0  # live sequences whose tokens are not a plain argmax (see _argmax_only)
-        self._pending: list[tuple[Sequence, FinishReason | None, TokenLogprob | None]] = []  # see _step
+        self._pending: list[tuple[Sequence, FinishReason | None, TokenLogprob | None, int | None]] = []  # see _step
         self._defer_outputs = self.device.type == "cuda"
+        # Pipelined steps (CUDA graphs on; LMKIT_PIPELINE=0 turns them off): see _pipelined_step.
+        self._pipeline = self.runner.graphs is not None and os.environ.get("LMKIT_PIPELINE", "1") != "0"
+        self._in_flight: _InFlight | None = None
+        if self._pipeline:
+            self._host_tokens = torch.empty(config.max_batch_size, dtype=torch.long, pin_memory=True)
+            self._tokens_copied = torch.cuda.Event()
         self._stats = EngineStats(num_blocks_total=num_blocks)
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="lmkit-pytorch-engine", daemon=True)
@@ -217,6 +224,7 @@ class PytorchEngine:
                     try:
                         outputs = self._step()
                     except Exception as e:  # a bug outside the forward: fail what is live, keep serving
+                        self._in_flight = None
                         error = f"engine step failed: {type(e).__name__}: {e}"
                         outputs = self._take_pending()
                         outputs += [self._end(seq, FinishReason.ERROR, error) for seq in list(self._live.values())]
@@ -249,6 +257,9 @@ class PytorchEngine:
     def _step(self) -> list[EngineOutput]:
         """Schedule, run and sample a step. On CUDA the previous step's outputs are built while the GPU runs
         this one (their tokens are known by then; building them is ~1 ms of Python for a batch of 256)."""
+        pipelined = self._pipeline and self._num_live_sampled == 0
+        if not pipelined:
+            self._drain()
         batch = self.scheduler.schedule()
         failed = [
             self._end(
@@ -259,7 +270,10 @@ class PytorchEngine:
             for seq in batch.failed
         ]
         if not batch.seqs:
+            self._drain()
             return self._take_pending() + failed
+        if pipelined:
+            return self._pipelined_step(batch, failed)
         outputs = None
         try:
             logits, sample_idx = self.runner.run(batch)
@@ -277,19 +291,70 @@ class PytorchEngine:
         self._count(batch)
         logprobs_of = dict(zip(sample_idx, logprobs))
         for i, seq, reason in self.scheduler.postprocess(batch, dict(zip(sample_idx, tokens))):
-            self._pending.append((seq, reason, logprobs_of[i]))
+            self._pending.append((seq, reason, logprobs_of[i], None))
             if reason is not None:
                 self._forget(seq)
         if not self._defer_outputs:
             outputs += self._take_pending()
         return outputs
 
+    def _pipelined_step(self, batch: ScheduledBatch, failed: list[EngineOutput]) -> list[EngineOutput]:
+        """Run this step before the last one's tokens are read: its decode rows take those tokens on the device.
+
+        While every live request is a plain argmax, the loop runs one step ahead of its tokens:
+
+            host:  schedule N+1 | launch N+1 | read N's tokens, finish, build outputs | schedule N+2 | ...
+            GPU:   ...  step N        ...    |           step N+1            ...    |
+
+        So scheduling and building inputs overlap the GPU. Each sequence that samples in a step gets a placeholder
+        token -(j + 1) (j: its row among the step's sampled rows) and its num_computed_tokens moved on at launch;
+        the next step feeds tokens[j] from the device, and reading the tokens fills the placeholders
+        (Scheduler.fill). A sequence that stops on a stop token has run one more step for nothing; one that
+        reaches max_tokens is not scheduled again."""
+        prev = self._in_flight
+        try:
+            logits, sample_idx = self.runner.run(batch, prev.tokens if prev is not None else None)
+            tokens = argmax(logits)
+        except Exception as e:  # a failed forward fails its requests, not the engine
+            self._drain()
+            outputs = self._take_pending() + failed
+            error = f"{type(e).__name__}: {e}"
+            return outputs + [self._end(s, FinishReason.ERROR, error) for s in batch.seqs if s.status is not _DONE]
+        outputs = self._take_pending() + failed
+        self._count(batch)
+        placeholders = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+        for j, i in enumerate(sample_idx):
+            seq = batch.seqs[i]
+            placeholders.append(len(seq.token_ids))
+            seq.token_ids.append(-1 - j)
+        self._drain()  # step N's tokens, while the GPU runs this step
+        outputs += self._take_pending()
+        self._host_tokens[: len(sample_idx)].copy_(tokens, non_blocking=True)
+        self._tokens_copied.record()
+        self._in_flight = _InFlight(batch, sample_idx, placeholders, tokens)
+        return outputs
+
+    def _drain(self) -> None:
+        """Read the in-flight step's tokens and finish it (its outputs go to _pending)."""
+        step, self._in_flight = self._in_flight, None
+        if step is None:
+            return
+        self._tokens_copied.synchronize()
+        tokens = self._host_tokens[: len(step.sample_idx)].tolist()
+        ends = dict(zip(step.sample_idx, step.placeholders))
+        for i, seq, reason in self.scheduler.fill(step.batch, list(zip(step.sample_idx, step.placeholders, tokens))):
+            self._pending.append((seq, reason, None, ends[i] + 1))
+            if reason is not None:
+                self._forget(seq)
+
     def _take_pending(self) -> list[EngineOutput]:
         """The outputs of the last step's new tokens (kept back on CUDA until the next step is running)."""
         pending, self._pending = self._pending, []
         outputs = []
-        for seq, reason, logprob in pending:
-            out = self._output(seq, reason)
+        for seq, reason, logprob, end in pending:
+            out = self._output(seq, reason, end)
             if logprob is not None:
                 out.logprobs = [logprob]
             outputs.append(out)
@@ -305,8 +370,9 @@ class PytorchEngine:
             s.num_generated_tokens += batch.samples(i)
 
     @staticmethod
-    def _output(seq: Sequence, reason: FinishReason | None) -> EngineOutput:
-        new = seq.token_ids[seq.num_prompt_tokens + seq.num_sent_tokens :]
+    def _output(seq: Sequence, reason: FinishReason | None, end: int | None = None) -> EngineOutput:
+        """The tokens of seq not sent yet, up to token_ids[end] (exclusive; None: all)."""
+        new = seq.token_ids[seq.num_prompt_tokens + seq.num_sent_tokens : end]
         seq.num_sent_tokens += len(new)
         first_or_last = seq.num_sent_tokens == len(new) or reason is not None
         out = EngineOutput(seq.request_id, new, finish_reason=reason)
@@ -339,6 +405,21 @@ class PytorchEngine:
             with self._outputs_ready:
                 self._outputs.extend(outputs)
                 self._outputs_ready.notify_all()
+
+
+_DONE = SequenceStatus.FINISHED
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A pipelined step whose tokens are still on the device (see PytorchEngine._pipelined_step)."""
+
+    batch: ScheduledBatch
+    sample_idx: list[int]
+    placeholders: list[int]
+    """Where each sampled row's placeholder sits in its sequence's token_ids."""
+    tokens: torch.Tensor
+    """[len(sample_idx)] int64 on the device; the next step's decode rows read it."""
 
 
 def _argmax_only(params: SamplingParams) -> bool:

@@ -112,9 +112,11 @@ class ModelRunner:
             print(f"[lmkit] {' and '.join(compiled)} steps compiled in {took:.1f} s", file=sys.stderr, flush=True)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+    def run(self, batch: ScheduledBatch, fed_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
         """Forward one step; returns logits [n, vocab] and, per row, the index in batch.seqs. The logits are in
-        the model's dtype, or fp32 from a CUDA graph; the sampler works in fp32."""
+        the model's dtype, or fp32 from a CUDA graph; the sampler works in fp32. A decode row whose token is a
+        placeholder -(j + 1) takes fed_tokens[j], the previous step's token still on the device (pipelined
+        steps, engine.py)."""
         order = [i for i, n in enumerate(batch.num_new_tokens) if n == 1]
         window = None
         if self.decode_kv is not None and order:
@@ -126,12 +128,16 @@ class ModelRunner:
         num_decode = len(order) - sum(n > 1 for n in batch.num_new_tokens)
         meta = AttentionMetadata(slot_mapping=None, num_decode=num_decode)
         meta.sliding_window = self.spec.sliding_window or 0
-        decode_tables, decode_lens, fresh, chunks = [], [], [], []
+        decode_tables, decode_lens, fresh, chunks, fed = [], [], [], [], []
         bs = self.block_size
         for i in order[:num_decode]:  # one token each: the loop below, unrolled (it runs for every sequence)
             seq = batch.seqs[i]
             pos, table = seq.num_computed_tokens, seq.block_table
-            input_ids.append(seq.token_ids[pos])
+            token = seq.token_ids[pos]
+            if token < 0:  # a placeholder: the token is still on the device
+                fed.append((len(input_ids), -1 - token))
+                token = 0
+            input_ids.append(token)
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
             decode_tables.append(table)
@@ -155,15 +161,16 @@ class ModelRunner:
             if batch.samples(i):
                 logits_rows.append(row + n - 1)
                 sample_idx.append(i)
+        feed = self._feeder(fed, fed_tokens)
         if self.graphs is not None and not chunks and self.graphs.fits(len(order)):
-            logits = self.graphs.replay(input_ids, positions, slots, decode_tables, decode_lens)
+            logits = self.graphs.replay(input_ids, positions, slots, decode_tables, decode_lens, feed)
             rows = len(logits_rows)  # rows ascend: range(rows) when every row samples, sliced without a gather
             picked = logits[:rows] if rows and logits_rows[-1] == rows - 1 else logits[logits_rows]
             return picked.float(), sample_idx  # a copy: the next replay overwrites the graph's output
         mixed = self.mixed_graphs
         if mixed is not None and chunks and mixed.fits(len(decode_lens), chunks):
             inputs = (input_ids, positions, slots)
-            logits = mixed.replay(inputs, decode_tables, decode_lens, chunks, logits_rows)
+            logits = mixed.replay(inputs, decode_tables, decode_lens, chunks, logits_rows, feed)
             return logits.float(), sample_idx
         dev = self.device
         meta.slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
@@ -175,9 +182,12 @@ class ModelRunner:
             elif decode_lens:
                 self._decode_context(meta, decode_tables, decode_lens)
             self._batch_fresh_chunks(meta, fresh)
+        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        if feed is not None:
+            feed(ids)
         try:
             logits = self.model.forward(
-                torch.tensor(input_ids, dtype=torch.long, device=dev),
+                ids,
                 torch.tensor(positions, dtype=torch.long, device=dev),
                 meta,
                 self.kv_caches,
@@ -188,6 +198,17 @@ class ModelRunner:
                 window.clear()
             raise
         return logits, sample_idx
+
+    def _feeder(self, fed: list[tuple[int, int]], fed_tokens: torch.Tensor | None):
+        """A function that writes fed_tokens[j] into row r of the device input ids, for each (r, j) in fed."""
+        if not fed:
+            return None
+        rows, src = torch.tensor(fed, dtype=torch.long).T.contiguous().to(self.device, non_blocking=True)
+
+        def feed(ids: torch.Tensor) -> None:
+            ids.index_copy_(0, rows, fed_tokens.index_select(0, src))
+
+        return feed
 
     def _paged_context(self, meta: AttentionMetadata, decode_tables, decode_lens, chunks) -> None:
         """Block tables and lengths for kernels that read the paged cache themselves (CUDA)."""

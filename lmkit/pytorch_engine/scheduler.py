@@ -75,8 +75,8 @@ class Scheduler:
         for seq in sorted(self.running, key=lambda s: s.num_uncomputed_tokens > 1):
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # preempted earlier in this loop
+            if seq.status is not SequenceStatus.RUNNING or len(seq) >= seq.max_tokens:
+                continue  # preempted earlier in this loop, or (pipelined steps) done once its last token is read
             num_new = min(seq.num_uncomputed_tokens, budget)
             if self._allocate_or_preempt(seq, num_new, batch):
                 batch.seqs.append(seq)
@@ -164,10 +164,37 @@ class Scheduler:
             results.append((i, seq, reason))
         return results
 
+    def fill(
+        self, batch: ScheduledBatch, placed: list[tuple[int, int, int]]
+    ) -> list[tuple[int, Sequence, FinishReason | None]]:
+        """postprocess for a step that ran ahead of its tokens (engine.py, pipelined steps): the engine has moved
+        num_computed_tokens on already and put a placeholder at token_ids[at] for each (batch index, at, token) in
+        placed; a later step may have appended another. Sequences finished (aborted) since are skipped, preempted
+        ones get their token all the same. Returns (index, seq, finish) like postprocess."""
+        live = []
+        for i, at, token in placed:
+            seq = batch.seqs[i]
+            if seq.status is not SequenceStatus.FINISHED:
+                seq.token_ids[at] = token
+                live.append((i, at, token))
+        for seq in batch.seqs:  # their computed tokens are all known now
+            if seq.status is SequenceStatus.RUNNING:
+                self.block_manager.cache_full_blocks(seq)
+        results = []
+        for i, at, token in live:
+            seq = batch.seqs[i]
+            reason = check_finish(seq, token, at + 1)
+            if reason is not None:
+                del seq.token_ids[at + 1 :]  # a placeholder of the step after, which then runs for nothing
+                self.finish(seq)
+            results.append((i, seq, reason))
+        return results
 
-def check_finish(seq: Sequence, token: int) -> FinishReason | None:
+
+def check_finish(seq: Sequence, token: int, length: int | None = None) -> FinishReason | None:
+    """Why seq ends with `token`, its length-th token (default: its last), or None."""
     if not seq.sampling.ignore_eos and token in seq.sampling.stop_token_ids:
         return FinishReason.STOP
-    if len(seq) >= seq.max_tokens:
+    if (len(seq) if length is None else length) >= seq.max_tokens:
         return FinishReason.LENGTH
     return None

@@ -7,6 +7,7 @@ import torch
 
 from lmkit.frontend.protocol import EngineRequest, SamplingParams
 from lmkit.messages import PytorchEngineConfig
+from lmkit.pytorch_engine import cuda_graph
 from lmkit.pytorch_engine.engine import PytorchEngine
 
 pytestmark = pytest.mark.gpu
@@ -49,9 +50,11 @@ def hf_greedy(path, prompts, max_new_tokens: int, dtype=torch.float32) -> list[l
 
 @pytest.mark.parametrize("eager", [False, True])
 @pytest.mark.parametrize("kind", ["llama", "llama31", "qwen2", "qwen3", "mistral"])
-def test_greedy_matches_hf_fp32(tiny_model_dir, kind, eager):
+def test_greedy_matches_hf_fp32(tiny_model_dir, kind, eager, monkeypatch):
     torch.backends.cuda.matmul.allow_tf32 = False
     path = tiny_model_dir(kind)
+    # Mixed steps of up to 2 decode rows replay the graphs of decode bucket 2, the rest those of bucket 8.
+    monkeypatch.setattr(cuda_graph, "_MIXED_DECODE_BUCKETS", [2])
     # A small token budget mixes prefill chunks with decodes; graphs (when on) serve both kinds of step.
     cfg = PytorchEngineConfig(
         device="cuda",
@@ -64,15 +67,21 @@ def test_greedy_matches_hf_fp32(tiny_model_dir, kind, eager):
     )
     engine = PytorchEngine(path, cfg)
     try:
-        mixed_replays = []
+        mixed_buckets = set()  # the decode buckets of the mixed-step graphs replayed
         if not eager:
             mixed = engine.runner.mixed_graphs
+            assert mixed.decode_buckets == [2, 8]
             replay = mixed.replay
-            mixed.replay = lambda *args: mixed_replays.append(1) or replay(*args)
+
+            def counting_replay(inputs, decode_tables, decode_lens, chunks, logits_rows, feed=None):
+                mixed_buckets.add(mixed._key(len(decode_lens), sum(n for _, _, n in chunks))[0])
+                return replay(inputs, decode_tables, decode_lens, chunks, logits_rows, feed)
+
+            mixed.replay = counting_replay
         got = run_greedy(engine, PROMPTS, 32)
         if not eager:
             assert engine.runner.graphs is not None and engine.runner.graphs.graphs, "no CUDA graph was replayed"
-            assert mixed_replays, "no mixed-step CUDA graph was replayed"
+            assert mixed_buckets == {2, 8}, "mixed-step graphs of both decode buckets should have been replayed"
     finally:
         engine.shutdown()
     assert got == hf_greedy(path, PROMPTS, 32)
