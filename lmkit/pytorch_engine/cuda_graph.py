@@ -113,11 +113,13 @@ class DecodeGraphs:
 
 
 def capture(forward, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, object]:
-    """Capture forward() in a graph on `pool` (None: a new one); returns the graph, its output and its pool."""
+    """Capture forward() in a graph on `pool` (None: a new one); returns the graph, its output and its pool.
+    Eager runs first compile the Triton kernels and warm cuBLAS outside the capture: two for a new pool, one
+    after that (63 graphs at max batch 256: the start-up's capture time is mostly these runs)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(2):  # compile the Triton kernels and warm cuBLAS outside the capture
+        for _ in range(2 if pool is None else 1):
             forward()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
