@@ -128,6 +128,28 @@ def test_decode_long_context(ops, num_splits):
     _check_decode(out, q, k_cache, v_cache, tables, context_lens, 128**-0.5, dtype)
 
 
+def test_decode_splits_bound_the_work_of_a_split(ops):
+    """At batch 256 a long context is split (no CTA runs alone over it at the kernel's end); the grid stays bounded."""
+    assert ops.decode_num_splits(256, 8, 48, 64, 132) == 4  # tables of 48 blocks of 64: 3,072 tokens
+    assert ops.decode_num_splits(64, 8, 48, 64, 132) == 6  # 512 tokens a split
+    assert ops.decode_num_splits(1024, 8, 2048, 16, 132) == 1  # 8,192 CTAs already
+    assert ops.decode_num_splits(1, 8, 2, 16, 132) == 1  # never below 128 tokens a split
+
+
+def test_decode_ragged_batch_auto_splits(ops):
+    """A ShareGPT-like batch: mostly short contexts, a few long ones, the splits a graph of 3,072 tokens gets. Short
+    sequences write their output from one split, long ones go through the merge."""
+    g = torch.Generator().manual_seed(4)
+    context_lens = torch.randint(1, 400, (192,), generator=g).tolist() + [3072, 2900, 1500, 700] * 16
+    k_cache, v_cache, tables = _make_cache(context_lens, 8, 128, 64, torch.bfloat16, seed=4)
+    q = torch.randn(len(context_lens), 32, 128, device="cuda", dtype=torch.bfloat16)
+    lens = torch.tensor(context_lens, dtype=torch.int32, device="cuda")
+    splits = ops.decode_num_splits(len(context_lens), 8, 48, 64, 132)
+    assert splits > 1
+    out = _decode(ops, q, k_cache, v_cache, tables, lens, 128**-0.5, splits)
+    _check_decode(out, q, k_cache, v_cache, tables, context_lens, 128**-0.5, torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_decode_big_group_window_and_strided_q(ops, dtype):
     context_lens = [5, 700, 2500]

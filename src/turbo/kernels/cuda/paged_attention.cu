@@ -6,7 +6,9 @@
 // K/V are read once per group of heads; the token groups are merged through shared memory at the end. With one
 // split the CTA writes the output; otherwise it writes (acc, m, l) to the workspace and a merge kernel combines
 // the splits. A split of a sequence covers max(ctx / splits, 128) tokens of its own context, so ragged batches
-// keep the CTAs busy. Nothing here syncs with the host or allocates: CUDA-graph friendly for a fixed num_splits.
+// keep the CTAs busy; the splits past a short context exit at once, and a sequence that needs one split writes
+// its output directly (the merge skips it). Nothing here syncs with the host or allocates: CUDA-graph friendly
+// for a fixed num_splits.
 #include "turbo/kernels/cuda/common.cuh"
 #include "turbo/kernels/cuda/cuda_kernels.h"
 
@@ -25,6 +27,24 @@ constexpr float kLog2e = 1.4426950408889634f;
 // Fewest tokens a split takes: a CUDA graph fixes num_splits for the longest context it may see, so a short
 // context leaves its last splits empty (they exit at once) instead of spreading a few tokens over every split.
 constexpr int kMinSplitTokens = 128;
+// Most tokens a split aims at: in a ragged batch (a few long contexts among many short ones) one CTA per sequence
+// leaves the long ones running alone at the end of the kernel.
+constexpr int kMaxSplitTokens = 512;
+// Most CTAs per SM a launch may have: splits past a short context still cost a launch slot each.
+constexpr int kMaxCtasPerSm = 64;
+
+// Tokens [begin, end) of one split of a sequence, and how many of its splits hold tokens (at least one: the first
+// split of an empty context writes its zeros).
+struct SplitRange {
+    int begin, end, used;
+};
+
+__device__ __forceinline__ SplitRange split_range(int ctx, int window, int num_splits, int split) {
+    const int start = window > 0 ? max(0, ctx - window) : 0;
+    const int len = max(ctx - start, 0);
+    const int per = max((len + num_splits - 1) / num_splits, kMinSplitTokens);
+    return {start + min(len, split * per), start + min(len, (split + 1) * per), max(1, (len + per - 1) / per)};
+}
 
 template <typename T, int HEAD_DIM>
 struct DecodeShape {
@@ -61,12 +81,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
     const int gid = warp * S::TPW + lane / TPT;                  // token group in the CTA
     const int d0 = sub * VEC;
 
-    const int ctx = context_lens[seq];
-    const int start = window > 0 ? max(0, ctx - window) : 0;
-    const int len = max(ctx - start, 0);
-    const int per = max((len + num_splits - 1) / num_splits, kMinSplitTokens);
-    const int tb = start + min(len, split * per);
-    const int te = start + min(len, (split + 1) * per);
+    const SplitRange range = split_range(context_lens[seq], window, num_splits, split);
+    if (split >= range.used) return;  // uniform over the CTA
+    const int tb = range.begin, te = range.end;
 
     // q of every head of the CTA, pre-scaled into the log2 domain.
     float qf[GROUP][VEC];
@@ -186,7 +203,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
             a = fmaf(s_acc[g][h][d], w, a);
         }
         const int head = h0 + h;
-        if (num_splits == 1) {
+        if (range.used == 1) {
             out[seq * out_stride_s + head * out_stride_h + d] = from_float<T>(lsum > 0.f ? a / lsum : 0.f);
         } else {
             const int64_t row = (static_cast<int64_t>(seq) * num_heads + head) * num_splits + split;
@@ -202,14 +219,17 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
 template <typename T, int HEAD_DIM>
 __global__ void paged_decode_merge_kernel(T* __restrict__ out, int64_t out_stride_s, int64_t out_stride_h,
                                           const float* __restrict__ ws_acc, const float* __restrict__ ws_m,
-                                          const float* __restrict__ ws_l, int num_heads, int num_splits) {
+                                          const float* __restrict__ ws_l, const int* __restrict__ context_lens,
+                                          int num_heads, int num_splits, int window) {
     const int head = blockIdx.x, seq = blockIdx.y, d = threadIdx.x;
+    const int used = split_range(context_lens[seq], window, num_splits, 0).used;
+    if (used == 1) return;  // the split kernel wrote this sequence's output
     const int64_t row0 = (static_cast<int64_t>(seq) * num_heads + head) * num_splits;
     float mx = -INFINITY;
-    for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, ws_m[row0 + s]);
+    for (int s = 0; s < used; ++s) mx = fmaxf(mx, ws_m[row0 + s]);
     const float m_safe = mx == -INFINITY ? 0.f : mx;
     float lsum = 0.f, a = 0.f;
-    for (int s = 0; s < num_splits; ++s) {
+    for (int s = 0; s < used; ++s) {
         const float w = exp2f(ws_m[row0 + s] - m_safe);
         lsum = fmaf(ws_l[row0 + s], w, lsum);
         a = fmaf(ws_acc[(row0 + s) * HEAD_DIM + d], w, a);
@@ -240,8 +260,8 @@ void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
     TURBO_CHECK_LAUNCH();
     if (num_splits > 1) {
         paged_decode_merge_kernel<T, HEAD_DIM><<<dim3(num_heads, num_seqs), HEAD_DIM, 0, current_stream()>>>(
-            reinterpret_cast<T*>(out.data_ptr()), out.stride(0), out.stride(1), ws_acc, ws_m, ws_l, num_heads,
-            num_splits);
+            reinterpret_cast<T*>(out.data_ptr()), out.stride(0), out.stride(1), ws_acc, ws_m, ws_l,
+            context_lens.data_ptr<int>(), num_heads, num_splits, window);
         TURBO_CHECK_LAUNCH();
     }
 }
@@ -274,9 +294,12 @@ int64_t decode_workspace_size(int64_t num_seqs, int64_t num_heads, int64_t head_
 int64_t decode_num_splits(int64_t num_seqs, int64_t num_kv_heads, int64_t max_blocks_per_seq, int64_t block_size,
                           int64_t num_sms) {
     const int64_t ctas = std::max<int64_t>(1, num_seqs * num_kv_heads);
-    const int64_t want = (TURBO_DECODE_CTAS_PER_SM * num_sms + ctas - 1) / ctas;  // fill the SMs
-    const int64_t by_len = std::max<int64_t>(1, max_blocks_per_seq * block_size / 128);  // >= 128 tokens a split
-    return std::max<int64_t>(1, std::min<int64_t>({want, by_len, 128}));
+    const int64_t max_tokens = max_blocks_per_seq * block_size;
+    const int64_t fill = (TURBO_DECODE_CTAS_PER_SM * num_sms + ctas - 1) / ctas;  // fill the SMs
+    const int64_t balance = std::min((max_tokens + kMaxSplitTokens - 1) / kMaxSplitTokens,  // bound a split's work
+                                     std::max<int64_t>(1, kMaxCtasPerSm * num_sms / ctas));  // and the grid
+    const int64_t by_len = std::max<int64_t>(1, max_tokens / kMinSplitTokens);  // >= 128 tokens a split
+    return std::max<int64_t>(1, std::min<int64_t>({std::max(fill, balance), by_len, 128}));
 }
 
 void paged_attention_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
