@@ -1,4 +1,4 @@
-"""Scheduler policy with fake model outputs (no tensors): budget, chunked prefill, preemption."""
+"""Scheduler policy with fake model outputs (no tensors): budget, chunked prefill, preemption, pipelined steps."""
 
 from __future__ import annotations
 
@@ -156,3 +156,74 @@ def test_prefill_interval_keeps_outputs_and_rejects_zero():
     assert sched.block_manager.num_blocks_free == 64
     with pytest.raises(ValueError, match="prefill_interval"):
         Scheduler(BlockManager(8, BS, True), 4, 16, prefill_interval=0)
+
+
+def run_pipelined(sched: Scheduler, max_steps: int = 1000) -> dict[str, list[int]]:
+    """run_to_completion as the engine's pipelined CUDA steps do it (engine.PytorchEngine._pipelined_step): each
+    step is scheduled and launched before the last one's tokens are known, its sampled rows given placeholders
+    -(j + 1); the 'model' computes a token only when it is read, from the tokens then known."""
+    done: dict[str, list[int]] = {}
+    in_flight = None
+
+    def drain(batch, placed) -> None:
+        tokens = [(i, at, fake_next(batch.seqs[i].token_ids[:at])) for i, at in placed]
+        for _, s, reason in sched.fill(batch, tokens):
+            assert all(t >= 0 for t in s.token_ids[: s.num_computed_tokens]), "a computed token is a placeholder"
+            if reason is not None:
+                done[s.request_id] = s.generated_token_ids
+
+    for _ in range(max_steps):
+        batch = sched.schedule()
+        assert not batch.failed
+        if not batch.seqs:
+            if in_flight is None and not sched.has_work():
+                return done
+            if in_flight is not None:
+                drain(*in_flight)
+                in_flight = None
+            continue
+        for i, s in enumerate(batch.seqs):  # a step's input tokens: known, or the last step's (on the device)
+            for t in s.token_ids[s.num_computed_tokens : s.num_computed_tokens + batch.num_new_tokens[i]]:
+                assert t >= 0 or batch.num_new_tokens[i] == 1, "a prefill chunk holds a placeholder"
+        placed = []
+        for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            samples = batch.samples(i)
+            s.num_computed_tokens += n
+            if samples:
+                s.token_ids.append(-1 - len(placed))
+                placed.append((i, len(s.token_ids) - 1))
+        if in_flight is not None:
+            drain(*in_flight)
+        in_flight = (batch, placed)
+    raise AssertionError("did not finish")
+
+
+def fake_next(tokens: list[int]) -> int:
+    """fake_token of a sequence whose token_ids are `tokens`."""
+    return (sum(tokens) * 31 + len(tokens)) % 1000 + 1000
+
+
+@pytest.mark.parametrize("num_blocks", [64, 12])
+def test_pipelined_steps_give_the_same_tokens(num_blocks):
+    """Scheduler.fill under the pipelined engine's protocol: the same tokens as step-by-step scheduling, with stop
+    tokens, length limits, a shared prefix and (12 blocks) preemption; every block freed at the end."""
+    prompts = [(6, 10, 0), (9, 7, 100), (6, 12, 0), (3, 1, 300), (13, 9, 400), (6, 5, 0)]  # (len, max_new, first)
+    stop = reference(9, 7, 100)[3]  # request r1 ends on its 4th token
+
+    def add_all(sched: Scheduler) -> None:
+        for k, (n, max_new, first) in enumerate(prompts):
+            s = seq(f"r{k}", n, max_new, first)
+            if k == 1:
+                s.sampling.stop_token_ids = [stop]
+            sched.add(s)
+
+    expected_sched, sched = make(num_blocks=num_blocks, budget=16), make(num_blocks=num_blocks, budget=16)
+    add_all(expected_sched)
+    add_all(sched)
+    expected = run_to_completion(expected_sched)
+    assert expected["r1"] == reference(9, 7, 100)[:4]
+    assert run_pipelined(sched) == expected
+    assert (sched.num_preemptions > 0) == (num_blocks == 12)
+    assert sched.block_manager.num_blocks_free == num_blocks
+    cached = [b.token_ids for b in sched.block_manager.blocks if b.hash is not None]
+    assert cached and all(t >= 0 for tokens in cached for t in tokens), "a block was cached with a placeholder"
