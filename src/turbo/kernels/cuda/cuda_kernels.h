@@ -27,7 +27,8 @@ int64_t device_num_sms();
 // Bytes of the workspace paged_attention_decode needs (0 when num_splits == 1).
 int64_t decode_workspace_size(int64_t num_seqs, int64_t num_heads, int64_t head_dim, int64_t num_splits);
 
-// A split count that fills the GPU for this shape (fixed per shape, so CUDA-graph friendly).
+// A split count for this shape (fixed per shape, so CUDA-graph friendly): enough CTAs to fill the GPU, and
+// splits of at most ~512 tokens of the longest context while the grid stays under 64 CTAs per SM.
 int64_t decode_num_splits(int64_t num_seqs, int64_t num_kv_heads, int64_t max_blocks_per_seq, int64_t block_size,
                           int64_t num_sms);
 
