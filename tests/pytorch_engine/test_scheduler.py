@@ -22,7 +22,12 @@ def seq(rid: str, prompt_len: int, max_new: int, first: int = 0) -> Sequence:
 
 def fake_token(s: Sequence) -> int:
     """A deterministic 'model': the next token depends only on the sequence so far."""
-    return (sum(s.token_ids) * 31 + len(s)) % 1000 + 1000
+    return fake_next(s.token_ids)
+
+
+def fake_next(tokens: list[int]) -> int:
+    """fake_token of a sequence whose token_ids are `tokens`."""
+    return (sum(tokens) * 31 + len(tokens)) % 1000 + 1000
 
 
 def run_to_completion(sched: Scheduler, max_steps: int = 1000, check=None) -> dict[str, list[int]]:
@@ -196,11 +201,6 @@ def run_pipelined(sched: Scheduler, max_steps: int = 1000) -> dict[str, list[int
             drain(*in_flight)
         in_flight = (batch, placed)
     raise AssertionError("did not finish")
-
-
-def fake_next(tokens: list[int]) -> int:
-    """fake_token of a sequence whose token_ids are `tokens`."""
-    return (sum(tokens) * 31 + len(tokens)) % 1000 + 1000
 
 
 @pytest.mark.parametrize("num_blocks", [64, 12])
