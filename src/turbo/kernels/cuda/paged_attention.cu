@@ -12,6 +12,10 @@
 #include "turbo/kernels/cuda/common.cuh"
 #include "turbo/kernels/cuda/cuda_kernels.h"
 
+#include <cstdlib>
+#include <string>
+#include <type_traits>
+
 namespace turbo {
 namespace cuda {
 namespace {
@@ -54,6 +58,43 @@ struct DecodeShape {
     static constexpr int NGROUPS = kDecodeWarps * TPW;           // token groups per CTA
     static_assert(TPT >= 1 && TPT <= 32 && 32 % TPT == 0, "head_dim / VEC must divide 32");
 };
+
+// Combines the partial softmax states of a CTA's NG token groups (or warps) for its nh query heads, then writes
+// the sequence's output (one split) or the split's (acc, m, l) to the workspace. Called by every thread after the
+// groups' states are in shared memory.
+template <typename T, int HEAD_DIM, int NG, int ROWS>
+__device__ __forceinline__ void store_cta_output(const float (*s_acc)[ROWS][HEAD_DIM], const float (*s_m)[ROWS],
+                                                 const float (*s_l)[ROWS], int nh, int h0, int seq, int split,
+                                                 int used, T* __restrict__ out, int64_t out_stride_s,
+                                                 int64_t out_stride_h, float* __restrict__ ws_acc,
+                                                 float* __restrict__ ws_m, float* __restrict__ ws_l, int num_heads,
+                                                 int num_splits) {
+    for (int idx = threadIdx.x; idx < nh * HEAD_DIM; idx += blockDim.x) {
+        const int h = idx / HEAD_DIM, d = idx - h * HEAD_DIM;
+        float mx = -INFINITY;
+#pragma unroll
+        for (int g = 0; g < NG; ++g) mx = fmaxf(mx, s_m[g][h]);
+        const float m_safe = mx == -INFINITY ? 0.f : mx;
+        float lsum = 0.f, a = 0.f;
+#pragma unroll
+        for (int g = 0; g < NG; ++g) {
+            const float w = exp2f(s_m[g][h] - m_safe);
+            lsum = fmaf(s_l[g][h], w, lsum);
+            a = fmaf(s_acc[g][h][d], w, a);
+        }
+        const int head = h0 + h;
+        if (used == 1) {
+            out[seq * out_stride_s + head * out_stride_h + d] = from_float<T>(lsum > 0.f ? a / lsum : 0.f);
+        } else {
+            const int64_t row = (static_cast<int64_t>(seq) * num_heads + head) * num_splits + split;
+            ws_acc[row * HEAD_DIM + d] = a;
+            if (d == 0) {
+                ws_m[row] = mx;
+                ws_l[row] = lsum;
+            }
+        }
+    }
+}
 
 template <typename T, int HEAD_DIM, int GROUP, int CHUNK>
 __global__ void __launch_bounds__(kDecodeWarps * 32)
@@ -189,31 +230,211 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
         for (int i = 0; i < VEC; ++i) s_acc[gid][h][d0 + i] = acc[h][i];
     }
     __syncthreads();
-    for (int idx = threadIdx.x; idx < nh * HEAD_DIM; idx += blockDim.x) {
-        const int h = idx / HEAD_DIM, d = idx - h * HEAD_DIM;
-        float mx = -INFINITY;
+    store_cta_output<T, HEAD_DIM, NGROUPS, GROUP>(s_acc, s_m, s_l, nh, h0, seq, split, range.used, out, out_stride_s,
+                                                  out_stride_h, ws_acc, ws_m, ws_l, num_heads, num_splits);
+}
+
+// ---------------------------------------------------------------- tensor-core variant (bf16 / fp16)
+//
+// CTA (split, kv head [x head chunk], seq), 4 warps, up to 8 query heads of one KV head. A warp takes 16-token
+// tiles of the split in turn and runs its own online softmax with mma.sync m16n8k16:
+//   - S = Q K^T with the heads as the A rows (rows 8..15 are zero): two n-tiles of 8 tokens;
+//   - O^T += V^T P^T with the head dims as the A rows and the heads as the 8 columns: S's accumulators are
+//     P^T's B fragment as they stand (lane (g, t) holds head g, tokens 2t, 2t + 1 and 2t + 8, 2t + 9), so P never
+//     leaves the registers, and no accumulator row is padding.
+// K and V go from global memory straight into fragments, as 16-byte loads, with no shared memory: the head dims of
+// a k-step are permuted the same way for Q and K (lane t of a quad holds dims 32i + 8t .. +8 of its token), and the
+// dims of V^T's m-tiles so that lane g holds dims 64r + 8g .. +8 of its four tokens; a byte permute (prmt) pairs
+// two tokens' halves into one A register. The warps' states are merged through shared memory at the end.
+
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                             uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_m16n8k16<__nv_bfloat16>(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                                           uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma_m16n8k16<__half>(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                                    uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Two floats as one register of two T (lo in the low half).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+__device__ __forceinline__ void unpack16(const uint4& x, uint32_t* w) { w[0] = x.x, w[1] = x.y, w[2] = x.z, w[3] = x.w; }
+
+constexpr int kMmaHeads = 8;  // query heads a CTA of the tensor-core kernel takes (the mma's n)
+constexpr int kMmaTile = 16;  // tokens a warp takes at a time (the mma's k)
+
+template <typename T, int HEAD_DIM>
+__global__ void __launch_bounds__(kDecodeWarps * 32)
+    paged_decode_mma_kernel(T* __restrict__ out, int64_t out_stride_s, int64_t out_stride_h,
+                            const T* __restrict__ q, int64_t q_stride_s, int64_t q_stride_h,
+                            const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+                            const int* __restrict__ block_tables, int64_t bt_stride,
+                            const int* __restrict__ context_lens, float* __restrict__ ws_acc,
+                            float* __restrict__ ws_m, float* __restrict__ ws_l, int num_heads, int num_kv_heads,
+                            int group, int head_chunks, int block_shift, int num_splits, int window, float scale) {
+    constexpr int KQ = HEAD_DIM / 32;  // 16-byte K loads per lane per token
+    constexpr int KW = HEAD_DIM / 8;   // their 32-bit words: two per k-step
+    constexpr int VR = HEAD_DIM / 64;  // 16-byte V loads per lane per token
+    constexpr int MT = HEAD_DIM / 16;  // m-tiles of O^T
+    static_assert(VR >= 1 && HEAD_DIM % 64 == 0, "head_dim must be a multiple of 64");
+    __shared__ float s_acc[kDecodeWarps][kMmaHeads][HEAD_DIM];
+    __shared__ float s_m[kDecodeWarps][kMmaHeads];
+    __shared__ float s_l[kDecodeWarps][kMmaHeads];
+
+    const int split = blockIdx.x;
+    const int kvh = blockIdx.y / head_chunks;
+    const int chunk = blockIdx.y - kvh * head_chunks;
+    const int seq = blockIdx.z;
+    const int h0 = kvh * group + chunk * kMmaHeads;
+    const int nh = min(kMmaHeads, group - chunk * kMmaHeads);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;  // fragment coordinates: group of four lanes, lane in the group
+
+    const SplitRange range = split_range(context_lens[seq], window, num_splits, split);
+    if (split >= range.used) return;  // uniform over the CTA
+    const int tb = range.begin, te = range.end;
+
+    // Q row (head) g in K's dim order; zero past the CTA's heads.
+    uint32_t qa[KW];
 #pragma unroll
-        for (int g = 0; g < NGROUPS; ++g) mx = fmaxf(mx, s_m[g][h]);
-        const float m_safe = mx == -INFINITY ? 0.f : mx;
-        float lsum = 0.f, a = 0.f;
-#pragma unroll
-        for (int g = 0; g < NGROUPS; ++g) {
-            const float w = exp2f(s_m[g][h] - m_safe);
-            lsum = fmaf(s_l[g][h], w, lsum);
-            a = fmaf(s_acc[g][h][d], w, a);
+    for (int i = 0; i < KQ; ++i) {
+        uint4 x = make_uint4(0, 0, 0, 0);
+        if (g < nh) {
+            x = __ldg(reinterpret_cast<const uint4*>(q + seq * q_stride_s + (h0 + g) * q_stride_h + 32 * i + 8 * t));
         }
-        const int head = h0 + h;
-        if (range.used == 1) {
-            out[seq * out_stride_s + head * out_stride_h + d] = from_float<T>(lsum > 0.f ? a / lsum : 0.f);
-        } else {
-            const int64_t row = (static_cast<int64_t>(seq) * num_heads + head) * num_splits + split;
-            ws_acc[row * HEAD_DIM + d] = a;
-            if (d == 0) {
-                ws_m[row] = mx;
-                ws_l[row] = lsum;
+        unpack16(x, qa + 4 * i);
+    }
+
+    const float qk_scale = scale * kLog2e;
+    // O^T: o[mt][0..1] = dim d(mt, g) of heads 2t, 2t + 1; o[mt][2..3] = dim d(mt, g + 8), with d(mt, r) the dim
+    // of element mt (r < 8) or MT + mt (r >= 8) of lane r % 8's V words.
+    float o[MT][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m = -INFINITY, l = 0.f;  // head g's running max and (this lane's columns') sum
+
+    const int* table = block_tables + seq * bt_stride;
+    const int64_t row_stride = static_cast<int64_t>(num_kv_heads) * HEAD_DIM;
+    const int64_t head_off = static_cast<int64_t>(kvh) * HEAD_DIM;
+    const int block_mask = (1 << block_shift) - 1;
+    auto token_offset = [&](int tok) {
+        const int64_t page = __ldg(table + (tok >> block_shift));
+        return ((page << block_shift) + (tok & block_mask)) * row_stride + head_off;
+    };
+
+    for (int base = tb + warp * kMmaTile; base < te; base += kDecodeWarps * kMmaTile) {
+        // K rows of tokens base + g (n-tile 0) and base + 8 + g (n-tile 1); V rows of base + 2t + {0, 1, 8, 9}.
+        // Tokens past the split are zeros, never read (the cache past a context may hold anything).
+        uint32_t kr[2][KW], vr[4][4 * VR];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int tok = base + 8 * j + g;
+            const T* src = k_cache + (tok < te ? token_offset(tok) : 0) + 8 * t;
+#pragma unroll
+            for (int i = 0; i < KQ; ++i) {
+                unpack16(tok < te ? __ldg(reinterpret_cast<const uint4*>(src + 32 * i)) : make_uint4(0, 0, 0, 0),
+                         kr[j] + 4 * i);
             }
         }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int tok = base + 2 * t + (e & 1) + 8 * (e >> 1);
+            const T* src = v_cache + (tok < te ? token_offset(tok) : 0) + 8 * g;
+#pragma unroll
+            for (int r = 0; r < VR; ++r) {
+                unpack16(tok < te ? __ldg(reinterpret_cast<const uint4*>(src + 64 * r)) : make_uint4(0, 0, 0, 0),
+                         vr[e] + 4 * r);
+            }
+        }
+
+        // S = Q K^T: s[j][0..1] = head g, tokens base + 8j + 2t + {0, 1} (s[j][2..3]: the zero rows).
+        float s[2][4];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+            for (int ks = 0; ks < HEAD_DIM / 16; ++ks) {
+                mma_m16n8k16<T>(s[j], qa[2 * ks], 0u, qa[2 * ks + 1], 0u, kr[j][2 * ks], kr[j][2 * ks + 1]);
+            }
+        }
+
+        // Online softmax over the tile (log2 domain); the four lanes of group g hold head g's 16 columns.
+        float mx = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                s[j][e] = base + 8 * j + 2 * t + e < te ? s[j][e] * qk_scale : -INFINITY;
+                mx = fmaxf(mx, s[j][e]);
+            }
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m, mx);  // finite: token `base` is in every tile
+        const float alpha = exp2f(m - m_new);
+        m = m_new;
+        const float p00 = exp2f(s[0][0] - m_new), p01 = exp2f(s[0][1] - m_new);
+        const float p10 = exp2f(s[1][0] - m_new), p11 = exp2f(s[1][1] - m_new);
+        l = l * alpha + (p00 + p01 + p10 + p11);
+
+        // O^T's columns are heads 2t and 2t + 1: their rescale factors live in groups 2t and 2t + 1.
+        const float alpha_lo = __shfl_sync(0xffffffffu, alpha, 8 * t);
+        const float alpha_hi = __shfl_sync(0xffffffffu, alpha, 8 * t + 4);
+        const uint32_t pb0 = pack2<T>(p00, p01), pb1 = pack2<T>(p10, p11);
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+            o[i][0] *= alpha_lo, o[i][1] *= alpha_hi, o[i][2] *= alpha_lo, o[i][3] *= alpha_hi;
+            // A = V^T: rows d(i, g) and d(i, g + 8), k = the tile's tokens 2t, 2t + 1 (and + 8).
+            const int wl = 4 * (i / 8) + (i % 8) / 2, wh = 4 * ((MT + i) / 8) + ((MT + i) % 8) / 2;
+            const uint32_t sel = (i & 1) ? 0x7632u : 0x5410u;
+            mma_m16n8k16<T>(o[i], __byte_perm(vr[0][wl], vr[1][wl], sel), __byte_perm(vr[0][wh], vr[1][wh], sel),
+                            __byte_perm(vr[2][wl], vr[3][wl], sel), __byte_perm(vr[2][wh], vr[3][wh], sel), pb0,
+                            pb1);
+        }
     }
+
+    // Head g's sum over the group's columns; then the warps' states to shared memory.
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if (g < nh && t == 0) s_m[warp][g] = m, s_l[warp][g] = l;
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+        const int e_lo = i, e_hi = MT + i;  // element of lane g's V words
+        const int d_lo = 64 * (e_lo / 8) + 8 * g + e_lo % 8, d_hi = 64 * (e_hi / 8) + 8 * g + e_hi % 8;
+        if (2 * t < nh) s_acc[warp][2 * t][d_lo] = o[i][0], s_acc[warp][2 * t][d_hi] = o[i][2];
+        if (2 * t + 1 < nh) s_acc[warp][2 * t + 1][d_lo] = o[i][1], s_acc[warp][2 * t + 1][d_hi] = o[i][3];
+    }
+    __syncthreads();
+    store_cta_output<T, HEAD_DIM, kDecodeWarps, kMmaHeads>(s_acc, s_m, s_l, nh, h0, seq, split, range.used, out,
+                                                           out_stride_s, out_stride_h, ws_acc, ws_m, ws_l,
+                                                           num_heads, num_splits);
 }
 
 template <typename T, int HEAD_DIM>
@@ -237,39 +458,86 @@ __global__ void paged_decode_merge_kernel(T* __restrict__ out, int64_t out_strid
     out[seq * out_stride_s + head * out_stride_h + d] = from_float<T>(lsum > 0.f ? a / lsum : 0.f);
 }
 
+// The workspace's parts: acc [rows, HEAD_DIM], then m [rows], then l [rows], rows = seqs * heads * splits.
+struct DecodeWorkspace {
+    float *acc, *m, *l;
+    DecodeWorkspace(float* ws, int64_t rows, int64_t head_dim)
+        : acc(ws), m(ws ? ws + rows * head_dim : nullptr), l(ws ? m + rows : nullptr) {}
+};
+
+template <typename T, int HEAD_DIM>
+void launch_merge(at::Tensor& out, const DecodeWorkspace& ws, const at::Tensor& context_lens, int num_splits,
+                  int window) {
+    if (num_splits == 1) return;
+    const int num_seqs = static_cast<int>(out.size(0)), num_heads = static_cast<int>(out.size(1));
+    paged_decode_merge_kernel<T, HEAD_DIM><<<dim3(num_heads, num_seqs), HEAD_DIM, 0, current_stream()>>>(
+        reinterpret_cast<T*>(out.data_ptr()), out.stride(0), out.stride(1), ws.acc, ws.m, ws.l,
+        context_lens.data_ptr<int>(), num_heads, num_splits, window);
+    TURBO_CHECK_LAUNCH();
+}
+
 template <typename T, int HEAD_DIM, int GROUP>
 void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& block_tables, const at::Tensor& context_lens, float scale, int num_splits,
-                   float* ws, int window) {
+                   float* ws_ptr, int window) {
     const int num_seqs = static_cast<int>(q.size(0)), num_heads = static_cast<int>(q.size(1));
     const int block_size = static_cast<int>(k_cache.size(1)), num_kv_heads = static_cast<int>(k_cache.size(2));
     const int group = num_heads / num_kv_heads;
     const int head_chunks = (group + GROUP - 1) / GROUP;
-    const int64_t rows = static_cast<int64_t>(num_seqs) * num_heads * num_splits;
-    float* ws_acc = ws;
-    float* ws_m = ws ? ws + rows * HEAD_DIM : nullptr;
-    float* ws_l = ws ? ws_m + rows : nullptr;
+    const DecodeWorkspace ws(ws_ptr, static_cast<int64_t>(num_seqs) * num_heads * num_splits, HEAD_DIM);
     constexpr int CHUNK = GROUP >= 8 ? 2 : TURBO_DECODE_CHUNK;
     dim3 grid(num_splits, num_kv_heads * head_chunks, num_seqs);
     paged_decode_split_kernel<T, HEAD_DIM, GROUP, CHUNK><<<grid, kDecodeWarps * 32, 0, current_stream()>>>(
         reinterpret_cast<T*>(out.data_ptr()), out.stride(0), out.stride(1),
         reinterpret_cast<const T*>(q.data_ptr()), q.stride(0), q.stride(1),
         reinterpret_cast<const T*>(k_cache.data_ptr()), reinterpret_cast<const T*>(v_cache.data_ptr()),
-        block_tables.data_ptr<int>(), block_tables.stride(0), context_lens.data_ptr<int>(), ws_acc, ws_m, ws_l,
+        block_tables.data_ptr<int>(), block_tables.stride(0), context_lens.data_ptr<int>(), ws.acc, ws.m, ws.l,
         num_heads, num_kv_heads, group, head_chunks, block_size, num_splits, window, scale);
     TURBO_CHECK_LAUNCH();
-    if (num_splits > 1) {
-        paged_decode_merge_kernel<T, HEAD_DIM><<<dim3(num_heads, num_seqs), HEAD_DIM, 0, current_stream()>>>(
-            reinterpret_cast<T*>(out.data_ptr()), out.stride(0), out.stride(1), ws_acc, ws_m, ws_l,
-            context_lens.data_ptr<int>(), num_heads, num_splits, window);
-        TURBO_CHECK_LAUNCH();
-    }
+    launch_merge<T, HEAD_DIM>(out, ws, context_lens, num_splits, window);
+}
+
+template <typename T, int HEAD_DIM>
+void launch_decode_mma(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const at::Tensor& block_tables, const at::Tensor& context_lens, float scale, int num_splits,
+                       float* ws_ptr, int window) {
+    const int num_seqs = static_cast<int>(q.size(0)), num_heads = static_cast<int>(q.size(1));
+    const int block_size = static_cast<int>(k_cache.size(1)), num_kv_heads = static_cast<int>(k_cache.size(2));
+    const int group = num_heads / num_kv_heads;
+    const int head_chunks = (group + kMmaHeads - 1) / kMmaHeads;
+    const DecodeWorkspace ws(ws_ptr, static_cast<int64_t>(num_seqs) * num_heads * num_splits, HEAD_DIM);
+    dim3 grid(num_splits, num_kv_heads * head_chunks, num_seqs);
+    paged_decode_mma_kernel<T, HEAD_DIM><<<grid, kDecodeWarps * 32, 0, current_stream()>>>(
+        reinterpret_cast<T*>(out.data_ptr()), out.stride(0), out.stride(1),
+        reinterpret_cast<const T*>(q.data_ptr()), q.stride(0), q.stride(1),
+        reinterpret_cast<const T*>(k_cache.data_ptr()), reinterpret_cast<const T*>(v_cache.data_ptr()),
+        block_tables.data_ptr<int>(), block_tables.stride(0), context_lens.data_ptr<int>(), ws.acc, ws.m, ws.l,
+        num_heads, num_kv_heads, group, head_chunks, __builtin_ctz(block_size), num_splits, window, scale);
+    TURBO_CHECK_LAUNCH();
+    launch_merge<T, HEAD_DIM>(out, ws, context_lens, num_splits, window);
+}
+
+// The tensor-core kernel takes bf16/fp16 caches with power-of-two blocks; TURBO_DECODE_MMA=0 forces the CUDA-core
+// kernel (for comparisons).
+bool use_mma_kernel(at::ScalarType dtype, int64_t block_size) {
+    static const bool enabled = [] {
+        const char* env = std::getenv("TURBO_DECODE_MMA");
+        return env == nullptr || std::string(env) != "0";
+    }();
+    return enabled && dtype != at::kFloat && block_size > 0 && (block_size & (block_size - 1)) == 0;
 }
 
 template <typename T, int HEAD_DIM>
 void dispatch_group(int group, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                     const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& context_lens,
                     float scale, int num_splits, float* ws, int window) {
+    if constexpr (!std::is_same<T, float>::value) {
+        if (use_mma_kernel(q.scalar_type(), k_cache.size(1))) {
+            launch_decode_mma<T, HEAD_DIM>(out, q, k_cache, v_cache, block_tables, context_lens, scale, num_splits,
+                                           ws, window);
+            return;
+        }
+    }
     if (group <= 1) {
         launch_decode<T, HEAD_DIM, 1>(out, q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, ws,
                                       window);
