@@ -113,6 +113,8 @@ class EngineStats:
     num_generated_tokens: int = 0
     """Tokens generated since start."""
     num_steps: int = 0
+    num_pipelined_steps: int = 0
+    """Steps launched before the previous step's tokens were read back (pipelined decode on a GPU)."""
 
     @property
     def num_blocks_used(self) -> int:

@@ -179,6 +179,7 @@ class PytorchEngine:
             num_prefill_tokens=s.num_prefill_tokens,
             num_generated_tokens=s.num_generated_tokens,
             num_steps=s.num_steps,
+            num_pipelined_steps=s.num_pipelined_steps,
         )
 
     @property
@@ -322,6 +323,7 @@ class PytorchEngine:
             return outputs + [self._end(s, FinishReason.ERROR, error) for s in batch.seqs if s.status is not _DONE]
         outputs = self._take_pending() + failed
         self._count(batch)
+        self._stats.num_pipelined_steps += prev is not None
         placeholders = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n

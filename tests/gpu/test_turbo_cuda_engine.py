@@ -390,6 +390,34 @@ def test_engine_pipelined_decode_matches_unpipelined(gpu_model_dir, monkeypatch)
     assert aborted == {k: v for k, v in ref.items() if k != "r5"}
 
 
+def test_engine_pipeline_chains_past_length_limits(gpu_model_dir, monkeypatch):
+    """A request reaching its length limit leaves the batch without breaking the chain of pipelined steps: 24
+    requests ending at 24 different steps, the same tokens as TURBO_PIPELINE=0, and only the steps that admit
+    requests (and the first decode step after them) launched unchained, not one more per request that ends."""
+    path = gpu_model_dir("llama")
+    cfg = TurboEngineConfig(device="cuda", dtype="float32", num_blocks=256, cache_block_seq_len=BLOCK, session_len=512)
+    seqs = prompts(tiny_config("llama").vocab_size, lens=[3 + 5 * i for i in range(24)])
+    reqs = [(p, SamplingParams(max_new_tokens=6 + 3 * i, temperature=0.0, ignore_eos=True)) for i, p in enumerate(seqs)]
+
+    def run(pipeline: str):
+        monkeypatch.setenv("TURBO_PIPELINE", pipeline)
+        engine = TurboEngine(path, cfg)
+        try:
+            return run_engine(engine, reqs), engine.stats()
+        finally:
+            engine.shutdown()
+
+    ref, plain = run("0")
+    got, piped = run("1")
+    assert got == ref
+    assert all(len(ref[f"r{i}"][0]) == 6 + 3 * i for i in range(24))
+    assert plain.num_pipelined_steps == 0
+    # Each step that admits requests and the decode step after it are unchained: the 24 requests arrive within
+    # the first few steps. A chain broken by each of the 23 requests that end before the last would leave 25 or
+    # more steps unchained.
+    assert piped.num_steps - piped.num_pipelined_steps <= 10, (piped.num_steps, piped.num_pipelined_steps)
+
+
 @pytest.mark.parametrize("num_blocks", [256, 24])
 def test_engine_pipelined_steps_with_admissions_match_unpipelined(gpu_model_dir, monkeypatch, num_blocks):
     """Steps chained across admissions: more requests than the batch holds, prefill chunks beside decodes

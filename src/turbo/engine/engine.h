@@ -41,6 +41,7 @@ struct EngineStats {
   int64_t num_running = 0, num_waiting = 0;
   int64_t num_blocks_total = 0, num_blocks_free = 0, num_blocks_cached = 0;
   int64_t num_prefill_tokens = 0, num_generated_tokens = 0, num_steps = 0, num_preemptions = 0;
+  int64_t num_pipelined_steps = 0;  // steps launched before the previous step's tokens were read
   int64_t num_cache_hit_blocks = 0;
 };
 

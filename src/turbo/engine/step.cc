@@ -77,40 +77,63 @@ void Engine::step() {
 }
 
 // Pipelined decode. Step N (pending_) is on the GPU, its greedy tokens on their way. When step N+1 is certain to
-// be the same sequences again, one token each (nobody waiting to be admitted, nobody at its length limit, free
-// blocks for those that cross a block boundary), N+1 is scheduled, built and launched now, its input tokens
-// copied on the device from N's argmax; only then are N's tokens read, so the host's work for N+1 overlaps the
-// GPU's for N. A sequence that N ends with a stop token is also in N+1: N+1 is then finished at once and that
-// row of it dropped.
+// be N's sequences again, one token each, less those that N's token brings to their length limit (nobody waiting
+// to be admitted, free blocks for those that cross a block boundary), N+1 is scheduled, built and launched now,
+// its input tokens gathered on the device from N's argmax; only then are N's tokens read, so the host's work for
+// N+1 overlaps the GPU's for N. The sequences at their limit leave the scheduler before N+1 is planned (N, ahead
+// of N+1 on the stream, is done with their blocks before anyone reuses them) and end once N's tokens are read. A
+// sequence that N ends with a stop token is also in N+1: N+1 is then finished at once and that row of it dropped.
 bool Engine::chain() {
   Launched& n = *pending_;
   const size_t S = n.batch.seqs.size();
   if (scheduler_->num_running() != S || static_cast<int>(S) > config_.max_num_batched_tokens) return false;
-  if (scheduler_->num_waiting() > 0 && static_cast<int>(S) < config_.max_num_seqs) return false;
+  std::vector<Sequence*> ending, going;  // N's token is the last / not the last of these
   int new_blocks = 0;
   for (Sequence* seq : n.batch.seqs) {
-    if (seq->size() + 1 >= seq->max_tokens) return false;  // N's token is its last
-    new_blocks += seq->size() % config_.block_size == 0;    // N+1 writes position size(): a new block
+    if (seq->size() + 1 >= seq->max_tokens) {
+      ending.push_back(seq);
+    } else {
+      going.push_back(seq);
+      new_blocks += seq->size() % config_.block_size == 0;  // N+1 writes position size(): a new block
+    }
   }
-  if (new_blocks > bm_->num_blocks_free()) return false;
+  if (going.empty() || new_blocks > bm_->num_blocks_free()) return false;
+  // With room in the batch, a waiting request is admitted (prefilled) rather than chained past.
+  if (scheduler_->num_waiting() > 0 && static_cast<int>(going.size()) < config_.max_num_seqs) return false;
 
   std::vector<Output> outputs;
   ++counters_.num_steps;
+  ++counters_.num_pipelined_steps;
   scheduler_->advance(n.batch);  // every token up to N's input is real: the block hashes are right
-  for (Sequence* seq : n.batch.seqs) seq->tokens.push_back(0);  // N's token, filled in below
+  for (Sequence* seq : ending) scheduler_->finish(seq);
+  for (Sequence* seq : going) seq->tokens.push_back(0);  // N's token, filled in below
   ScheduledBatch next = scheduler_->schedule();
-  TORCH_CHECK(next.seqs == n.batch.seqs && next.preempted.empty() && next.failed.empty(),
+  TORCH_CHECK(next.seqs == going && next.preempted.empty() && next.failed.empty(),
               "turbo: the pipelined step differs from the one planned");
   Launched launched{std::move(next), {}, {}};
   const ForwardBatch host = build_forward_batch(launched.batch, config_.block_size, true, launched.sample_seq);
-  launched.tokens = kernels::argmax_async(forward(host, n.tokens.device));
+  at::Tensor n_tokens = n.tokens.device;  // row k: n.batch.seqs[k] (every row of a pipelined step samples)
+  if (!ending.empty()) {
+    at::Tensor rows = at::empty({static_cast<int64_t>(going.size())}, at::dtype(at::kLong).pinned_memory(true));
+    int64_t* r = rows.data_ptr<int64_t>();
+    for (size_t k = 0, i = 0; k < S; ++k) {
+      if (i < going.size() && n.batch.seqs[k] == going[i]) r[i++] = static_cast<int64_t>(k);
+    }
+    n_tokens = n_tokens.index_select(0, rows.to(n_tokens.device(), /*non_blocking=*/true));
+  }
+  launched.tokens = kernels::argmax_async(forward(host, n_tokens));
 
   const std::vector<int32_t> tokens = kernels::wait(n.tokens);
   std::vector<Sequence*> stopped;
   for (size_t k = 0; k < n.sample_seq.size(); ++k) {
     Sequence* seq = n.batch.seqs[n.sample_seq[k]];
-    seq->tokens.back() = tokens[k];
     ++counters_.num_generated_tokens;
+    if (seq->status == SeqStatus::kFinished) {  // at its length limit: out of the scheduler already
+      seq->tokens.push_back(tokens[k]);
+      end(seq, is_stop(*seq, tokens[k]) ? FinishReason::kStop : FinishReason::kLength, outputs);
+      continue;
+    }
+    seq->tokens.back() = tokens[k];
     if (is_stop(*seq, tokens[k])) {
       stopped.push_back(seq);
     } else {

@@ -128,6 +128,7 @@ PYBIND11_MODULE(_turbo, m) {
       .def_readonly("num_generated_tokens", &EngineStats::num_generated_tokens)
       .def_readonly("num_steps", &EngineStats::num_steps)
       .def_readonly("num_preemptions", &EngineStats::num_preemptions)
+      .def_readonly("num_pipelined_steps", &EngineStats::num_pipelined_steps)
       .def_readonly("num_cache_hit_blocks", &EngineStats::num_cache_hit_blocks);
 
   py::register_exception<std::invalid_argument>(m, "InvalidRequest", PyExc_ValueError);
