@@ -1,14 +1,18 @@
 // Paged decode attention (one query token per sequence): flash-decoding split-K + merge, GQA-aware.
 //
-// CTA (split, kv head [x head chunk], seq), 4 warps. A "token group" of TPT = head_dim / VEC lanes holds one K/V
-// row of one token in 16-byte pieces (VEC elements per lane); a warp holds 32 / TPT token groups. Each token group
-// runs its own online softmax (in the log2 domain) over its tokens for all GROUP query heads of the KV head, so
-// K/V are read once per group of heads; the token groups are merged through shared memory at the end. With one
-// split the CTA writes the output; otherwise it writes (acc, m, l) to the workspace and a merge kernel combines
-// the splits. A split of a sequence covers max(ctx / splits, 128) tokens of its own context, so ragged batches
-// keep the CTAs busy; the splits past a short context exit at once, and a sequence that needs one split writes
-// its output directly (the merge skips it). Nothing here syncs with the host or allocates: CUDA-graph friendly
-// for a fixed num_splits.
+// Two kernels share the split ranges, the workspace layout and the merge:
+//   - paged_decode_mma_kernel (bf16/fp16 caches with power-of-two blocks, the default): the query heads of a KV
+//     head as the rows/columns of mma.sync m16n8k16 tensor-core tiles; see its comment below.
+//   - paged_decode_split_kernel (fp32, other block sizes, or TURBO_DECODE_MMA=0): CUDA-core dot products. A
+//     "token group" of TPT = head_dim / VEC lanes holds one K/V row of one token in 16-byte pieces (VEC elements
+//     per lane); a warp holds 32 / TPT token groups. Each token group runs its own online softmax (in the log2
+//     domain) over its tokens for all GROUP query heads of the KV head, so K/V are read once per group of heads;
+//     the token groups are merged through shared memory at the end.
+// CTA (split, kv head [x head chunk], seq), 4 warps. With one split the CTA writes the output; otherwise it writes
+// (acc, m, l) to the workspace and a merge kernel combines the splits. A split of a sequence covers
+// max(ctx / splits, 128) tokens of its own context, so ragged batches keep the CTAs busy; the splits past a short
+// context exit at once, and a sequence that needs one split writes its output directly (the merge skips it).
+// Nothing here syncs with the host or allocates: CUDA-graph friendly for a fixed num_splits.
 #include "turbo/kernels/cuda/common.cuh"
 #include "turbo/kernels/cuda/cuda_kernels.h"
 
