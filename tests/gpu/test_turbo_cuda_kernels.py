@@ -162,6 +162,19 @@ def test_decode_big_group_window_and_strided_q(ops, dtype):
         _check_decode(out, q, k_cache, v_cache, tables, context_lens, 0.125, dtype, window)
 
 
+def test_decode_q_rows_not_16_byte_aligned(ops):
+    """q rows that 16-byte loads cannot read (an odd element offset and row stride) take the CUDA-core kernel."""
+    context_lens = [33, 300]
+    k_cache, v_cache, tables = _make_cache(context_lens, 4, 128, 16, torch.bfloat16, seed=3)
+    buf = torch.randn(len(context_lens), 16 * 128 + 1, device="cuda", dtype=torch.bfloat16)
+    q = buf[:, 1:].view(len(context_lens), 16, 128)
+    assert q.data_ptr() % 16 != 0
+    lens = torch.tensor(context_lens, dtype=torch.int32, device="cuda")
+    for splits in [1, 3]:
+        out = _decode(ops, q, k_cache, v_cache, tables, lens, 128**-0.5, splits)
+        _check_decode(out, q, k_cache, v_cache, tables, context_lens, 128**-0.5, torch.bfloat16)
+
+
 def test_decode_empty_sequence_writes_zeros(ops):
     """A padded (graph) batch slot with context 0 gets zeros, not NaN."""
     k_cache, v_cache, tables = _make_cache([40, 16], 2, 128, 16, torch.bfloat16)

@@ -521,14 +521,18 @@ void launch_decode_mma(at::Tensor& out, const at::Tensor& q, const at::Tensor& k
     launch_merge<T, HEAD_DIM>(out, ws, context_lens, num_splits, window);
 }
 
-// The tensor-core kernel takes bf16/fp16 caches with power-of-two blocks; TURBO_DECODE_MMA=0 forces the CUDA-core
-// kernel (for comparisons).
-bool use_mma_kernel(at::ScalarType dtype, int64_t block_size) {
+// The tensor-core kernel takes bf16/fp16 caches with power-of-two blocks and q rows it can read in 16-byte pieces
+// (the fused QKV output's views are); TURBO_DECODE_MMA=0 forces the CUDA-core kernel (for comparisons).
+bool use_mma_kernel(const at::Tensor& q, int64_t block_size) {
     static const bool enabled = [] {
         const char* env = std::getenv("TURBO_DECODE_MMA");
         return env == nullptr || std::string(env) != "0";
     }();
-    return enabled && dtype != at::kFloat && block_size > 0 && (block_size & (block_size - 1)) == 0;
+    const int64_t vec = 16 / q.element_size();
+    const bool q_aligned = reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0 && q.stride(0) % vec == 0 &&
+                           q.stride(1) % vec == 0;
+    return enabled && q.scalar_type() != at::kFloat && q_aligned && block_size > 0 &&
+           (block_size & (block_size - 1)) == 0;
 }
 
 template <typename T, int HEAD_DIM>
@@ -536,7 +540,7 @@ void dispatch_group(int group, at::Tensor& out, const at::Tensor& q, const at::T
                     const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& context_lens,
                     float scale, int num_splits, float* ws, int window) {
     if constexpr (!std::is_same<T, float>::value) {
-        if (use_mma_kernel(q.scalar_type(), k_cache.size(1))) {
+        if (use_mma_kernel(q, k_cache.size(1))) {
             launch_decode_mma<T, HEAD_DIM>(out, q, k_cache, v_cache, block_tables, context_lens, scale, num_splits,
                                            ws, window);
             return;
