@@ -11,6 +11,7 @@
 
 #include <cfloat>
 #include <cstdint>
+#include <type_traits>
 
 #define TURBO_CUDA_CHECK(expr)                                                                     \
     do {                                                                                           \
@@ -105,6 +106,35 @@ __device__ __forceinline__ void load16_to_float(const T* ptr, float* out) {
 #pragma unroll
     for (int i = 0; i < Vec16<T>::VEC; ++i) out[i] = to_float<T>(pk.v[i]);
 }
+
+// A 16-byte piece read once (weights of a decode step): past L1, which keeps what is read again.
+__device__ __forceinline__ uint4 load_stream(const void* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
+// c += a b for one mma.sync m16n8k16 tile of T (bf16 or fp16; a row-major, b column-major), fp32 accumulators.
+// a0..a3 and b0, b1 are the PTX fragment registers (two T each).
+#define TURBO_MMA_M16N8K16(ab)                                                                              \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." ab "." ab ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "    \
+                 "{%8,%9}, {%0,%1,%2,%3};\n"                                                                \
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                           \
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1))
+
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                             uint32_t b0, uint32_t b1) {
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+        TURBO_MMA_M16N8K16("bf16");
+    } else {
+        static_assert(std::is_same<T, __half>::value, "mma_m16n8k16 takes bf16 or fp16");
+        TURBO_MMA_M16N8K16("f16");
+    }
+}
+#undef TURBO_MMA_M16N8K16
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

@@ -16,15 +16,6 @@ constexpr int kGemvWarps = 8;  // warps (output columns) per CTA
 #endif
 constexpr int kGemvUnroll = TURBO_GEMV_UNROLL;
 
-// Streams a weight piece past L1 (read once per step).
-__device__ __forceinline__ uint4 load_stream(const uint4* p) {
-    uint4 r;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-                 : "l"(p));
-    return r;
-}
-
 template <typename T, int M>
 __global__ void __launch_bounds__(kGemvWarps * 32)
     gemv_kernel(T* __restrict__ y, int64_t y_stride, const T* __restrict__ x, int64_t x_stride,

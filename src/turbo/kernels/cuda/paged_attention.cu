@@ -251,25 +251,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
 // dims of V^T's m-tiles so that lane g holds dims 64r + 8g .. +8 of its four tokens; a byte permute (prmt) pairs
 // two tokens' halves into one A register. The warps' states are merged through shared memory at the end.
 
-// c += a b for one m16n8k16 tile of T (bf16 or fp16), fp32 accumulators.
-#define TURBO_MMA_M16N8K16(ab)                                                                              \
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." ab "." ab ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "    \
-                 "{%8,%9}, {%0,%1,%2,%3};\n"                                                                \
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                           \
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1))
-
-template <typename T>
-__device__ __forceinline__ void mma_m16n8k16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                             uint32_t b0, uint32_t b1) {
-    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-        TURBO_MMA_M16N8K16("bf16");
-    } else {
-        static_assert(std::is_same<T, __half>::value, "the tensor-core decode takes bf16 or fp16");
-        TURBO_MMA_M16N8K16("f16");
-    }
-}
-#undef TURBO_MMA_M16N8K16
-
 // Two floats as one register of two T (lo in the low half).
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);
