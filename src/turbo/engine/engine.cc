@@ -34,6 +34,12 @@ Engine::Engine(const EngineConfig& config, const ModelConfig& model_config, cons
   scheduler_ = std::make_unique<Scheduler>(bm_.get(), config.max_num_seqs, config.max_num_batched_tokens);
   profile_ = std::make_unique<StepProfile>();
   setup_cuda_graphs();
+  // Pipelined decode: on by default with CUDA graphs; TURBO_PIPELINE=0 turns it off, =1 on for eager steps too
+  // (on CPU it overlaps nothing: it is there so that the chaining logic runs in the CPU tests).
+  if (const char* v = std::getenv("TURBO_PIPELINE")) {
+    if (std::string(v) == "0") pipeline_ = false;
+    if (std::string(v) == "1") pipeline_ = true;
+  }
   stats_.num_blocks_total = stats_.num_blocks_free = config.num_blocks;
   thread_ = std::thread([this] { loop(); });
 }
@@ -63,7 +69,7 @@ void Engine::setup_cuda_graphs() {
   std::fprintf(stderr, "[turbo] %lld decode CUDA graphs captured in %.1f s\n",
                static_cast<long long>(graphs_->num_graphs()),
                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  pipeline_ = !env_off("TURBO_PIPELINE");
+  pipeline_ = true;
 #endif
 }
 

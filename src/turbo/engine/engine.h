@@ -118,7 +118,7 @@ class Engine {
 #ifdef TURBO_WITH_CUDA
   std::unique_ptr<cuda::DecodeGraphs> graphs_;  // null on CPU or with CUDA graphs off
 #endif
-  bool pipeline_ = false;              // overlap decode steps (GPU with graphs; env TURBO_PIPELINE=0 turns it off)
+  bool pipeline_ = false;  // overlap decode steps (GPU with graphs; TURBO_PIPELINE=0 off, =1 on, eager too)
   std::unique_ptr<Launched> pending_;  // a pipelined step whose tokens are not read yet
   std::unique_ptr<StepProfile> profile_;  // TURBO_PROFILE=1 step timing
   std::unordered_map<std::string, std::unique_ptr<Sequence>> live_;

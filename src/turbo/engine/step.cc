@@ -111,10 +111,11 @@ bool Engine::chain() {
   TORCH_CHECK(next.seqs == going && next.preempted.empty() && next.failed.empty(),
               "turbo: the pipelined step differs from the one planned");
   Launched launched{std::move(next), {}, {}};
-  const ForwardBatch host = build_forward_batch(launched.batch, config_.block_size, true, launched.sample_seq);
+  const bool pinned = !model_->options().device().is_cpu();
+  const ForwardBatch host = build_forward_batch(launched.batch, config_.block_size, pinned, launched.sample_seq);
   at::Tensor n_tokens = n.tokens.device;  // row k: n.batch.seqs[k] (every row of a pipelined step samples)
   if (!ending.empty()) {
-    at::Tensor rows = at::empty({static_cast<int64_t>(going.size())}, at::dtype(at::kLong).pinned_memory(true));
+    at::Tensor rows = at::empty({static_cast<int64_t>(going.size())}, at::dtype(at::kLong).pinned_memory(pinned));
     int64_t* r = rows.data_ptr<int64_t>();
     for (size_t k = 0, i = 0; k < S; ++k) {
       if (i < going.size() && n.batch.seqs[k] == going[i]) r[i++] = static_cast<int64_t>(k);
@@ -161,14 +162,13 @@ void Engine::complete(std::vector<Output>& outputs) {
   finish(launched, tokens, none, outputs);
 }
 
-// Decode-only graph steps whose rows all sample greedily without penalties or logprobs: their tokens can stay on
-// the GPU for the next step (argmax_async).
+// Decode-only steps (graph steps where there are graphs) whose rows all sample greedily without penalties or
+// logprobs: their tokens can stay on the device for the next step (argmax_async).
 bool Engine::can_pipeline(const Launched& launched, const ForwardBatch& host_batch) const {
   if (!pipeline_ || host_batch.sample_rows.size(0) != static_cast<int64_t>(launched.batch.seqs.size())) return false;
+  if (!host_batch.is_decode) return false;
 #ifdef TURBO_WITH_CUDA
-  if (!graphs_ || !graphs_->accepts(host_batch)) return false;
-#else
-  return false;
+  if (graphs_ && !graphs_->accepts(host_batch)) return false;
 #endif
   for (const Sequence* seq : launched.batch.seqs) {
     const SamplingParams& p = seq->sampling;
