@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from gpu_timing import median_us
+from gpu_timing import LLAMA3_8B_LINEARS, median_us
 
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+SHAPES = {k: v for k, v in LLAMA3_8B_LINEARS.items() if k != "lm_head"}  # the 32 layers
 
 
 def split_k(x: torch.Tensor, w: torch.Tensor, s: int) -> torch.Tensor:

@@ -15,18 +15,12 @@ import sys
 from pathlib import Path
 
 import torch
-from gpu_timing import median_us
+from gpu_timing import LLAMA3_8B_LINEARS, median_us
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "gpu"))
 import cuda_harness  # noqa: E402
 
-SHAPES = {
-    "qkv": (6144, 4096),
-    "o": (4096, 4096),
-    "gate_up": (28672, 4096),
-    "down": (4096, 14336),
-    "lm_head": (128256, 4096),
-}
+SHAPES = LLAMA3_8B_LINEARS
 
 
 def main() -> None:

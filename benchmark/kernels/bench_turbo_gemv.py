@@ -14,17 +14,11 @@ import os
 from pathlib import Path
 
 import torch
-from gpu_timing import median_us
+from gpu_timing import LLAMA3_8B_LINEARS, median_us
 from torch.utils.cpp_extension import load_inline
 
 REPO = Path(__file__).resolve().parents[2]
-SHAPES = {
-    "qkv": (6144, 4096),
-    "o": (4096, 4096),
-    "gate_up": (28672, 4096),
-    "down": (4096, 14336),
-    "lm_head": (128256, 4096),
-}
+SHAPES = LLAMA3_8B_LINEARS
 GLUE = """
 #include "turbo/kernels/cuda/cuda_kernels.h"
 void gemv(at::Tensor y, at::Tensor x, at::Tensor w) { turbo::cuda::gemv(y, x, w, at::Tensor()); }
