@@ -14,8 +14,8 @@
 // in a fixed order (the same bits every run) and adds the bias.
 //
 // Status: written and compiled for sm_90a in the eighth session, not yet run on a GPU and not called by the
-// engine; tests/gpu/test_turbo_cuda_kernels.py (test_skinny_gemm*) and benchmark/kernels/bench_decode_gemm.py
-// (--skinny) are there to check and time it.
+// engine; tests/gpu/test_turbo_cuda_kernels.py (test_skinny_gemm*) and benchmark/kernels/bench_skinny_gemm.py are
+// there to check and time it. The fragment mapping was checked against a NumPy model of the mma's layout.
 #include "turbo/kernels/cuda/common.cuh"
 #include "turbo/kernels/cuda/cuda_kernels.h"
 
