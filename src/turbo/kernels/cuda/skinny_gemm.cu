@@ -15,7 +15,7 @@
 //
 // Status: written and compiled for sm_90a in the eighth session, not yet run on a GPU and not called by the
 // engine; tests/gpu/test_turbo_cuda_kernels.py (test_skinny_gemm*) and benchmark/kernels/bench_skinny_gemm.py are
-// there to check and time it. The fragment mapping was checked against a NumPy model of the mma's layout.
+// there to check and time it.
 #include "turbo/kernels/cuda/common.cuh"
 #include "turbo/kernels/cuda/cuda_kernels.h"
 
