@@ -152,16 +152,8 @@ def load_hf(model_path, args, dtype_name: str | None = None):
     return AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype).to(args.device).eval()
 
 
-def roofline(model_path, dtype_name: str) -> str:
-    """The device's measured copy bandwidth and the batch-1 decode floor: every weight read once per token."""
-    from lmkit.model.dummy import weight_shapes
-    from lmkit.model.loader import load_spec
-
-    spec = load_spec(model_path)
-    elem = torch.tensor([], dtype=getattr(torch, dtype_name)).element_size()
-    shapes = weight_shapes(spec)
-    shapes.pop("model.embed_tokens.weight")  # a lookup reads a row, not the table
-    weight_bytes = sum(torch.Size(s).numel() for s in shapes.values()) * elem
+def copy_bandwidth() -> float:
+    """The device's measured device-to-device copy bandwidth, bytes read + written per second."""
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     for _ in range(3):
@@ -172,8 +164,35 @@ def roofline(model_path, dtype_name: str) -> str:
         dst.copy_(src)
     end.record()
     end.synchronize()
-    bandwidth = 2 * 10 * src.numel() / (start.elapsed_time(end) / 1e3)  # bytes read + written per second
-    del src, dst
+    return 2 * 10 * src.numel() / (start.elapsed_time(end) / 1e3)
+
+
+def gemm_rate(dtype_name: str, n: int = 8192) -> float:
+    """The device's measured matrix rate: FLOP/s of an n x n by n x n torch.mm in this dtype."""
+    a = torch.randn(n, n, device="cuda", dtype=getattr(torch, dtype_name))
+    b = torch.randn_like(a)
+    for _ in range(3):
+        torch.mm(a, b)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        torch.mm(a, b)
+    end.record()
+    end.synchronize()
+    return 10 * 2 * n**3 / (start.elapsed_time(end) / 1e3)
+
+
+def roofline(model_path, dtype_name: str) -> str:
+    """The device's measured copy bandwidth and the batch-1 decode floor: every weight read once per token."""
+    from lmkit.model.dummy import weight_shapes
+    from lmkit.model.loader import load_spec
+
+    spec = load_spec(model_path)
+    elem = torch.tensor([], dtype=getattr(torch, dtype_name)).element_size()
+    shapes = weight_shapes(spec)
+    shapes.pop("model.embed_tokens.weight")  # a lookup reads a row, not the table
+    weight_bytes = sum(torch.Size(s).numel() for s in shapes.values()) * elem
+    bandwidth = copy_bandwidth()
     return (
         f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; weights read per token {weight_bytes / 1e9:.2f} GB; "
         f"batch-1 roofline {weight_bytes / bandwidth * 1e3:.2f} ms per token"

@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_data import BenchRequest, load_tokenized, sample_sharegpt, synthetic  # noqa: E402
-from profile_generation import free_device_memory, load_hf, make_engine  # noqa: E402
+from profile_generation import copy_bandwidth, free_device_memory, gemm_rate, load_hf, make_engine  # noqa: E402
+from throughput_floor import floor, model_costs  # noqa: E402
 
 from lmkit.frontend.protocol import EngineRequest, SamplingParams  # noqa: E402
 from lmkit.model.loader import load_spec, resolve_model_path  # noqa: E402
@@ -95,6 +96,23 @@ def run_hf(model, prompts: list[list[int]], reqs: list[BenchRequest], batch_size
     return {"elapsed_s": time.perf_counter() - t0, "output_tokens": generated, "requests": len(reqs)}
 
 
+def floor_report(
+    model_path, dtype_name: str, reqs, max_batch: int, bandwidth: float, rate: float, tok_s: dict[str, float]
+) -> str:
+    """The floor under this run (benchmark/throughput_floor.py) at the measured copy bandwidth and matrix rate,
+    and each engine's share of its rate."""
+    elem = torch.tensor([], dtype=getattr(torch, dtype_name)).element_size()
+    f = floor([r.prompt_len for r in reqs], [r.output_len for r in reqs], model_costs(model_path, elem), bandwidth,
+              rate, max_batch)  # fmt: skip
+    shares = ", ".join(f"{b} at {t / f.output_tok_s:.0%} of it" for b, t in tok_s.items())
+    return (
+        f"floor at the measured {bandwidth / 1e12:.2f} TB/s copy bandwidth and {rate / 1e12:.0f} TFLOP/s "
+        f"({dtype_name} torch.mm, 8192^3), max batch {max_batch}: prefill {f.prefill_s:.2f} s + decode "
+        f"{f.decode_weights_s:.2f} s (weights / GEMMs) + {f.decode_kv_s:.2f} s (KV) = {f.total_s:.2f} s, "
+        f"{f.output_tok_s:,.0f} output tok/s" + (f"; {shares}" if shares else "")
+    )
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF folder or GGUF file (default: SmolLM2-135M-Instruct)")
@@ -141,6 +159,7 @@ def main(argv=None) -> None:
     n_out = sum(r.output_len for r in reqs)
     print(f"{len(reqs)} requests, {sum(map(len, prompts))} prompt tokens, {n_out} output tokens")
     rows = []
+    engine_tok_s = {}  # the engines' output tok/s over all the requests (HF may run on fewer)
     for backend in args.backends:
         if backend == "hf":
             k = args.hf_num_prompts or len(reqs)
@@ -156,6 +175,8 @@ def main(argv=None) -> None:
             del engine
             free_device_memory()
         tps = res["output_tokens"] / res["elapsed_s"]
+        if backend != "hf":
+            engine_tok_s[backend] = tps
         rows.append(
             f"| {backend} | {res['requests']} | {res['elapsed_s']:.1f} | {res['output_tokens']} | "
             f"{tps:.1f} | {res['requests'] / res['elapsed_s']:.2f} |"
@@ -163,6 +184,10 @@ def main(argv=None) -> None:
         print(rows[-1], flush=True)
     print("\n| backend | requests | time (s) | output tokens | output tok/s | req/s |\n|---|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
+    if args.device == "cuda":
+        dtype_name = "bfloat16" if args.dtype == "auto" else args.dtype
+        bandwidth, rate = copy_bandwidth(), gemm_rate(dtype_name)
+        print(floor_report(model_path, dtype_name, reqs, args.max_batch_size, bandwidth, rate, engine_tok_s))
 
 
 if __name__ == "__main__":

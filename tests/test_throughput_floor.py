@@ -54,3 +54,16 @@ def test_bad_input():
         tf.floor([1, 2], [3], COSTS, 1.0, 1.0, 4)
     with pytest.raises(ValueError):
         tf.floor([1], [3], COSTS, 1.0, 1.0, 0)
+
+
+def test_profile_throughput_reports_the_floor_and_each_engines_share():
+    sys.path.insert(0, str(REPO / "benchmark"))
+    import profile_throughput as pt
+    from bench_data import BenchRequest
+
+    reqs = [BenchRequest([1] * 100, 100, 50), BenchRequest([1] * 20, 20, 10)]
+    model = REPO / "benchmark" / "configs" / "llama-3-8b"
+    f = tf.floor([100, 20], [50, 10], tf.model_costs(model), 4.0e12, 700e12, 8)
+    line = pt.floor_report(model, "bfloat16", reqs, 8, 4.0e12, 700e12, {"turbo": f.output_tok_s / 2})
+    assert f"= {f.total_s:.2f} s, {f.output_tok_s:,.0f} output tok/s" in line
+    assert "4.00 TB/s" in line and "700 TFLOP/s" in line and line.endswith("turbo at 50% of it")
