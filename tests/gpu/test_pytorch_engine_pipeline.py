@@ -62,13 +62,16 @@ def greedy(max_new: int, stop: list[int] = (), ignore_eos: bool = True) -> Sampl
 
 
 def both(tiny_model_dir, monkeypatch, requests, **kw):
-    """The same requests with pipelining on and off; returns both results and the pipelined engine's stats."""
+    """The same requests with pipelining on and off (the pipelined run chains steps, the other none); returns
+    both results and their preemption counts."""
     results = []
     for pipeline in (True, False):
         engine = make_engine(tiny_model_dir, monkeypatch, pipeline, **kw)
         try:
             results.append(run(engine, requests))
-            assert engine.stats().num_blocks_used == 0, "a finished request kept its blocks"
+            stats = engine.stats()
+            assert stats.num_blocks_used == 0, "a finished request kept its blocks"
+            assert (stats.num_pipelined_steps > 0) == pipeline, stats.num_pipelined_steps
             results.append(engine.num_preemptions)
         finally:
             engine.shutdown()
