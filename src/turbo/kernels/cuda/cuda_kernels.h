@@ -73,7 +73,8 @@ constexpr int64_t kSkinnyMaxRows = 64;
 // contiguous, K a multiple of 32, rows 16-byte aligned.
 bool skinny_gemm_supported(const at::Tensor& x, const at::Tensor& w);
 
-// The k splits skinny_gemm aims at for these sizes (about four CTAs per SM, >= 512 k a split).
+// The k splits skinny_gemm aims at for these sizes (about four CTAs per SM, >= 512 k a split, partial sums
+// within an eighth of the weight's bytes).
 int64_t skinny_gemm_splits(int64_t rows, int64_t n, int64_t k, int64_t num_sms);
 
 // y [M, N] = x [M, K] w[N, K]^T (+ bias [N], or undefined) on tensor cores, fp32 accumulation, the weight streamed

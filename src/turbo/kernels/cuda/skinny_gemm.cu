@@ -194,10 +194,12 @@ bool skinny_gemm_supported(const at::Tensor& x, const at::Tensor& w) {
 }
 
 int64_t skinny_gemm_splits(int64_t rows, int64_t n, int64_t k, int64_t num_sms) {
-    (void)rows;
     const int64_t ctas = (n + kSkinnyCtaRows - 1) / kSkinnyCtaRows;
     const int64_t want = (4 * num_sms + ctas - 1) / ctas;  // about four CTAs per SM
-    return std::max<int64_t>(1, std::min<int64_t>(want, k / kSkinnyMinSplitK));
+    // Each split is >= 512 k, and the fp32 partial sums (splits x rows x n x 4 bytes) stay within an eighth of
+    // the weight's bytes (n x k x 2).
+    const int64_t cap = std::min<int64_t>(k / kSkinnyMinSplitK, k / (16 * std::max<int64_t>(rows, 1)));
+    return std::max<int64_t>(1, std::min<int64_t>(want, cap));
 }
 
 void skinny_gemm(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, int64_t splits) {
