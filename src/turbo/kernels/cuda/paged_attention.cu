@@ -445,56 +445,50 @@ struct DecodeWorkspace {
         : acc(ws), m(ws ? ws + rows * head_dim : nullptr), l(ws ? m + rows : nullptr) {}
 };
 
-template <typename T, int HEAD_DIM>
-void launch_merge(at::Tensor& out, const DecodeWorkspace& ws, const at::Tensor& context_lens, int num_splits,
-                  int window) {
+// Launches a split kernel (both take the same parameters; `block` is the block size for the CUDA-core kernel and
+// its log2 for the tensor-core one) over CTAs of heads_per_cta query heads, then the merge of the splits.
+template <typename T, int HEAD_DIM, typename Kernel>
+void launch_split_and_merge(Kernel kernel, int heads_per_cta, int block, at::Tensor& out, const at::Tensor& q,
+                            const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_tables,
+                            const at::Tensor& context_lens, float scale, int num_splits, float* ws_ptr,
+                            int window) {
+    const int num_seqs = static_cast<int>(q.size(0)), num_heads = static_cast<int>(q.size(1));
+    const int num_kv_heads = static_cast<int>(k_cache.size(2));
+    const int group = num_heads / num_kv_heads;
+    const int head_chunks = (group + heads_per_cta - 1) / heads_per_cta;
+    const DecodeWorkspace ws(ws_ptr, static_cast<int64_t>(num_seqs) * num_heads * num_splits, HEAD_DIM);
+    T* o = reinterpret_cast<T*>(out.data_ptr());
+    dim3 grid(num_splits, num_kv_heads * head_chunks, num_seqs);
+    kernel<<<grid, kDecodeWarps * 32, 0, current_stream()>>>(
+        o, out.stride(0), out.stride(1), reinterpret_cast<const T*>(q.data_ptr()), q.stride(0), q.stride(1),
+        reinterpret_cast<const T*>(k_cache.data_ptr()), reinterpret_cast<const T*>(v_cache.data_ptr()),
+        block_tables.data_ptr<int>(), block_tables.stride(0), context_lens.data_ptr<int>(), ws.acc, ws.m, ws.l,
+        num_heads, num_kv_heads, group, head_chunks, block, num_splits, window, scale);
+    TURBO_CHECK_LAUNCH();
     if (num_splits == 1) return;
-    const int num_seqs = static_cast<int>(out.size(0)), num_heads = static_cast<int>(out.size(1));
     paged_decode_merge_kernel<T, HEAD_DIM><<<dim3(num_heads, num_seqs), HEAD_DIM, 0, current_stream()>>>(
-        reinterpret_cast<T*>(out.data_ptr()), out.stride(0), out.stride(1), ws.acc, ws.m, ws.l,
-        context_lens.data_ptr<int>(), num_heads, num_splits, window);
+        o, out.stride(0), out.stride(1), ws.acc, ws.m, ws.l, context_lens.data_ptr<int>(), num_heads, num_splits,
+        window);
     TURBO_CHECK_LAUNCH();
 }
 
 template <typename T, int HEAD_DIM, int GROUP>
 void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& block_tables, const at::Tensor& context_lens, float scale, int num_splits,
-                   float* ws_ptr, int window) {
-    const int num_seqs = static_cast<int>(q.size(0)), num_heads = static_cast<int>(q.size(1));
-    const int block_size = static_cast<int>(k_cache.size(1)), num_kv_heads = static_cast<int>(k_cache.size(2));
-    const int group = num_heads / num_kv_heads;
-    const int head_chunks = (group + GROUP - 1) / GROUP;
-    const DecodeWorkspace ws(ws_ptr, static_cast<int64_t>(num_seqs) * num_heads * num_splits, HEAD_DIM);
+                   float* ws, int window) {
     constexpr int CHUNK = GROUP >= 8 ? 2 : TURBO_DECODE_CHUNK;
-    dim3 grid(num_splits, num_kv_heads * head_chunks, num_seqs);
-    paged_decode_split_kernel<T, HEAD_DIM, GROUP, CHUNK><<<grid, kDecodeWarps * 32, 0, current_stream()>>>(
-        reinterpret_cast<T*>(out.data_ptr()), out.stride(0), out.stride(1),
-        reinterpret_cast<const T*>(q.data_ptr()), q.stride(0), q.stride(1),
-        reinterpret_cast<const T*>(k_cache.data_ptr()), reinterpret_cast<const T*>(v_cache.data_ptr()),
-        block_tables.data_ptr<int>(), block_tables.stride(0), context_lens.data_ptr<int>(), ws.acc, ws.m, ws.l,
-        num_heads, num_kv_heads, group, head_chunks, block_size, num_splits, window, scale);
-    TURBO_CHECK_LAUNCH();
-    launch_merge<T, HEAD_DIM>(out, ws, context_lens, num_splits, window);
+    launch_split_and_merge<T, HEAD_DIM>(paged_decode_split_kernel<T, HEAD_DIM, GROUP, CHUNK>, GROUP,
+                                        static_cast<int>(k_cache.size(1)), out, q, k_cache, v_cache, block_tables,
+                                        context_lens, scale, num_splits, ws, window);
 }
 
 template <typename T, int HEAD_DIM>
 void launch_decode_mma(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                        const at::Tensor& block_tables, const at::Tensor& context_lens, float scale, int num_splits,
-                       float* ws_ptr, int window) {
-    const int num_seqs = static_cast<int>(q.size(0)), num_heads = static_cast<int>(q.size(1));
-    const int block_size = static_cast<int>(k_cache.size(1)), num_kv_heads = static_cast<int>(k_cache.size(2));
-    const int group = num_heads / num_kv_heads;
-    const int head_chunks = (group + kMmaHeads - 1) / kMmaHeads;
-    const DecodeWorkspace ws(ws_ptr, static_cast<int64_t>(num_seqs) * num_heads * num_splits, HEAD_DIM);
-    dim3 grid(num_splits, num_kv_heads * head_chunks, num_seqs);
-    paged_decode_mma_kernel<T, HEAD_DIM><<<grid, kDecodeWarps * 32, 0, current_stream()>>>(
-        reinterpret_cast<T*>(out.data_ptr()), out.stride(0), out.stride(1),
-        reinterpret_cast<const T*>(q.data_ptr()), q.stride(0), q.stride(1),
-        reinterpret_cast<const T*>(k_cache.data_ptr()), reinterpret_cast<const T*>(v_cache.data_ptr()),
-        block_tables.data_ptr<int>(), block_tables.stride(0), context_lens.data_ptr<int>(), ws.acc, ws.m, ws.l,
-        num_heads, num_kv_heads, group, head_chunks, __builtin_ctz(block_size), num_splits, window, scale);
-    TURBO_CHECK_LAUNCH();
-    launch_merge<T, HEAD_DIM>(out, ws, context_lens, num_splits, window);
+                       float* ws, int window) {
+    launch_split_and_merge<T, HEAD_DIM>(paged_decode_mma_kernel<T, HEAD_DIM>, kMmaHeads,
+                                        __builtin_ctz(static_cast<unsigned>(k_cache.size(1))), out, q, k_cache,
+                                        v_cache, block_tables, context_lens, scale, num_splits, ws, window);
 }
 
 // The tensor-core kernel takes bf16/fp16 caches with power-of-two blocks and q rows it can read in 16-byte pieces
