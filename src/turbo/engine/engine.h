@@ -86,6 +86,8 @@ class Engine {
   bool can_pipeline(const Launched& launched, const ForwardBatch& host_batch) const;
   void finish(Launched& launched, const std::vector<int32_t>& tokens, std::vector<TokenLogprob>& logprobs,
               std::vector<Output>& outputs, const std::vector<Sequence*>& skip = {});
+  // The host inputs of a launched batch (pinned on a GPU); fills launched.sample_seq.
+  ForwardBatch build_inputs(Launched& launched) const;
   // A CUDA graph where one fits, else the eager forward; device_tokens (optional) replace the batch's token ids.
   at::Tensor forward(const ForwardBatch& host_batch, const at::Tensor& device_tokens = {});
   void emit(std::vector<Output>& outputs);

@@ -48,8 +48,7 @@ void Engine::step() {
   std::vector<int32_t> tokens;
   std::vector<TokenLogprob> logprobs;
   try {
-    const bool pinned = !model_->options().device().is_cpu();
-    const ForwardBatch host = build_forward_batch(launched.batch, config_.block_size, pinned, launched.sample_seq);
+    const ForwardBatch host = build_inputs(launched);
     const bool pipelined = can_pipeline(launched, host);
     at::Tensor logits = forward(host);
     if (pipelined) {  // the next step() chains the following decode step behind this one
@@ -88,12 +87,15 @@ bool Engine::chain() {
   const size_t S = n.batch.seqs.size();
   if (scheduler_->num_running() != S || static_cast<int>(S) > config_.max_num_batched_tokens) return false;
   std::vector<Sequence*> ending, going;  // N's token is the last / not the last of these
+  std::vector<int64_t> going_rows;       // their rows in N (every row of a pipelined step samples)
   int new_blocks = 0;
-  for (Sequence* seq : n.batch.seqs) {
+  for (size_t k = 0; k < S; ++k) {
+    Sequence* seq = n.batch.seqs[k];
     if (seq->size() + 1 >= seq->max_tokens) {
       ending.push_back(seq);
     } else {
       going.push_back(seq);
+      going_rows.push_back(static_cast<int64_t>(k));
       new_blocks += seq->size() % config_.block_size == 0;  // N+1 writes position size(): a new block
     }
   }
@@ -111,16 +113,12 @@ bool Engine::chain() {
   TORCH_CHECK(next.seqs == going && next.preempted.empty() && next.failed.empty(),
               "turbo: the pipelined step differs from the one planned");
   Launched launched{std::move(next), {}, {}};
-  const bool pinned = !model_->options().device().is_cpu();
-  const ForwardBatch host = build_forward_batch(launched.batch, config_.block_size, pinned, launched.sample_seq);
-  at::Tensor n_tokens = n.tokens.device;  // row k: n.batch.seqs[k] (every row of a pipelined step samples)
+  const ForwardBatch host = build_inputs(launched);
+  at::Tensor n_tokens = n.tokens.device;
   if (!ending.empty()) {
-    at::Tensor rows = at::empty({static_cast<int64_t>(going.size())}, at::dtype(at::kLong).pinned_memory(pinned));
-    int64_t* r = rows.data_ptr<int64_t>();
-    for (size_t k = 0, i = 0; k < S; ++k) {
-      if (i < going.size() && n.batch.seqs[k] == going[i]) r[i++] = static_cast<int64_t>(k);
-    }
-    n_tokens = n_tokens.index_select(0, rows.to(n_tokens.device(), /*non_blocking=*/true));
+    at::Tensor rows = at::tensor(going_rows, at::kLong);
+    if (!n_tokens.device().is_cpu()) rows = rows.pin_memory().to(n_tokens.device(), /*non_blocking=*/true);
+    n_tokens = n_tokens.index_select(0, rows);
   }
   launched.tokens = kernels::argmax_async(forward(host, n_tokens));
 
@@ -208,6 +206,11 @@ void Engine::finish(Launched& launched, const std::vector<int32_t>& tokens, std:
       outputs.push_back(make_output(*seq, FinishReason::kNone));
     }
   }
+}
+
+ForwardBatch Engine::build_inputs(Launched& launched) const {
+  const bool pinned = !model_->options().device().is_cpu();  // staged for a non-blocking copy to the GPU
+  return build_forward_batch(launched.batch, config_.block_size, pinned, launched.sample_seq);
 }
 
 at::Tensor Engine::forward(const ForwardBatch& host_batch, const at::Tensor& device_tokens) {
