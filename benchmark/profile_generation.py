@@ -152,34 +152,31 @@ def load_hf(model_path, args, dtype_name: str | None = None):
     return AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype).to(args.device).eval()
 
 
+def _seconds_per_call(fn, reps: int = 10) -> float:
+    """GPU time of fn(), after 3 warm-up calls, by CUDA events over `reps` calls."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
 def copy_bandwidth() -> float:
     """The device's measured device-to-device copy bandwidth, bytes read + written per second."""
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        dst.copy_(src)
-    end.record()
-    end.synchronize()
-    return 2 * 10 * src.numel() / (start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() / _seconds_per_call(lambda: dst.copy_(src))
 
 
 def gemm_rate(dtype_name: str, n: int = 8192) -> float:
     """The device's measured matrix rate: FLOP/s of an n x n by n x n torch.mm in this dtype."""
     a = torch.randn(n, n, device="cuda", dtype=getattr(torch, dtype_name))
     b = torch.randn_like(a)
-    for _ in range(3):
-        torch.mm(a, b)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        torch.mm(a, b)
-    end.record()
-    end.synchronize()
-    return 10 * 2 * n**3 / (start.elapsed_time(end) / 1e3)
+    return 2 * n**3 / _seconds_per_call(lambda: torch.mm(a, b))
 
 
 def roofline(model_path, dtype_name: str) -> str:
