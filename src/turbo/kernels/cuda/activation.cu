@@ -40,10 +40,6 @@ __global__ void silu_mul_vec_kernel(T* __restrict__ out, int64_t out_stride, con
     reinterpret_cast<uint4*>(out + blockIdx.x * out_stride)[i] = o.raw;
 }
 
-bool rows_aligned16(const at::Tensor& t) {
-    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && (t.stride(0) * t.element_size()) % 16 == 0;
-}
-
 }  // namespace
 
 void silu_mul(at::Tensor& out, const at::Tensor& gate_up) {

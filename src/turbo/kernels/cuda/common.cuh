@@ -175,6 +175,15 @@ inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream();
 
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
+// Whether 16-byte vector loads can read t's rows: its data and every stride but the last on 16-byte boundaries.
+inline bool rows_aligned16(const at::Tensor& t) {
+    if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+    for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+        if ((t.stride(d) * t.element_size()) % 16 != 0) return false;
+    }
+    return true;
+}
+
 // Host-side checks shared by the paged attention launchers (decode and prefill): q/out [rows, heads, head_dim]
 // with contiguous head rows, caches [blocks, block_size, kv_heads, head_dim], one dtype, head_dim 64 or 128.
 inline void check_paged_attention_args(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,

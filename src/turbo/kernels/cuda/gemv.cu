@@ -68,16 +68,13 @@ void launch(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const at::T
         N, K);
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 }  // namespace
 
 bool gemv_supported(const at::Tensor& x, const at::Tensor& w) {
-    const int64_t e = x.element_size();
     return x.is_cuda() && w.is_cuda() && x.dim() == 2 && w.dim() == 2 && x.size(0) >= 1 &&
            x.size(0) <= kGemvMaxRows && x.size(1) == w.size(1) && x.scalar_type() == w.scalar_type() &&
-           x.stride(1) == 1 && w.is_contiguous() && (w.size(1) * e) % 16 == 0 && (x.stride(0) * e) % 16 == 0 &&
-           aligned16(x.data_ptr()) && aligned16(w.data_ptr()) && w.size(0) <= INT32_MAX && w.size(1) <= INT32_MAX;
+           x.stride(1) == 1 && w.is_contiguous() && rows_aligned16(x) && rows_aligned16(w) &&
+           w.size(0) <= INT32_MAX && w.size(1) <= INT32_MAX;
 }
 
 void gemv(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) {

@@ -498,10 +498,7 @@ bool use_mma_kernel(const at::Tensor& q, int64_t block_size) {
         const char* env = std::getenv("TURBO_DECODE_MMA");
         return env == nullptr || std::string(env) != "0";
     }();
-    const int64_t vec = 16 / q.element_size();
-    const bool q_aligned = reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0 && q.stride(0) % vec == 0 &&
-                           q.stride(1) % vec == 0;
-    return enabled && q.scalar_type() != at::kFloat && q_aligned && block_size > 0 &&
+    return enabled && q.scalar_type() != at::kFloat && rows_aligned16(q) && block_size > 0 &&
            (block_size & (block_size - 1)) == 0;
 }
 

@@ -179,18 +179,15 @@ void launch(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const at::T
     }
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 }  // namespace
 
 bool skinny_gemm_supported(const at::Tensor& x, const at::Tensor& w) {
-    const int64_t e = x.element_size();
     const bool half = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
     return half && x.is_cuda() && w.is_cuda() && x.dim() == 2 && w.dim() == 2 && x.size(0) >= 1 &&
            x.size(0) <= kSkinnyMaxRows && x.size(1) == w.size(1) && x.scalar_type() == w.scalar_type() &&
            x.stride(1) == 1 && w.is_contiguous() && w.size(0) >= 1 && w.size(1) >= 32 && w.size(1) % 32 == 0 &&
-           (x.stride(0) * e) % 16 == 0 && aligned16(x.data_ptr()) && aligned16(w.data_ptr()) &&
-           w.size(0) <= INT32_MAX && w.size(1) <= INT32_MAX && x.size(0) * w.size(0) <= INT32_MAX;
+           rows_aligned16(x) && rows_aligned16(w) && w.size(0) <= INT32_MAX && w.size(1) <= INT32_MAX &&
+           x.size(0) * w.size(0) <= INT32_MAX;
 }
 
 int64_t skinny_gemm_splits(int64_t rows, int64_t n, int64_t k, int64_t num_sms) {
