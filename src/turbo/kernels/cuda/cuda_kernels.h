@@ -67,7 +67,7 @@ bool gemv_supported(const at::Tensor& x, const at::Tensor& w);
 // streaming the weight (decode is bound by reading it). y: [M, N] with contiguous rows.
 void gemv(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias);
 
-constexpr int64_t kSkinnyMaxRows = 64;
+constexpr int64_t kSkinnyMaxRows = 128;
 
 // Whether skinny_gemm takes these operands: bf16/fp16 x [M <= kSkinnyMaxRows, K] (contiguous rows), w [N, K]
 // contiguous, K a multiple of 32, rows 16-byte aligned.

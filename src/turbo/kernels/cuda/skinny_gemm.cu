@@ -1,4 +1,4 @@
-// Tensor-core skinny GEMM for decode steps of up to 64 rows: y [M, N] = x [M, K] w [N, K]^T (+ bias), bf16/fp16,
+// Tensor-core skinny GEMM for decode steps of up to 128 rows: y [M, N] = x [M, K] w [N, K]^T (+ bias), bf16/fp16,
 // fp32 accumulation. Such a step is bound by the weight read, and cuBLAS reads the weights at 2.6-2.8 TB/s of an
 // H200's ~4.3 at 16-128 rows (benchmark/kernels/bench_decode_gemm.py); this kernel streams them the way the
 // tensor-core decode attention streams the KV cache.
@@ -9,7 +9,7 @@
 // x[row][k0 + 8t .. +8] (row g of each n-tile), and one 32-wide k chunk makes two k-steps. The weights go past L1
 // (read once); x is small and is read by the CTA's four warps, which take different features over the same k.
 //
-// CTA = 4 warps x FT m-tiles (64 FT features), grid (feature blocks, k splits). With one split the CTA writes y;
+// CTA = 4 warps x FT m-tiles (64 FT features; FT = 2 up to 64 rows, 1 past), grid (feature blocks, k splits). With one split the CTA writes y;
 // otherwise each split writes fp32 partial sums to the workspace [splits, M, N] and a reduce kernel adds them up
 // in a fixed order (the same bits every run) and adds the bias.
 //
@@ -27,34 +27,39 @@ namespace cuda {
 namespace {
 
 constexpr int kSkinnyWarps = 4;
-constexpr int kSkinnyFt = 2;                                 // m-tiles (16 features) per warp
-constexpr int kSkinnyCtaRows = kSkinnyWarps * kSkinnyFt * 16;  // features per CTA
-constexpr int kSkinnyMinSplitK = 512;                        // fewest k a split takes
+constexpr int kSkinnyMinSplitK = 512;  // fewest k a split takes
 
-// Unroll (32-wide k chunks a warp has in flight) for NT n-tiles: fewer as the accumulators and x pieces grow.
+// For NT n-tiles (8 rows of x each): FT m-tiles (16 features) a warp, and U 32-wide k chunks a warp has in flight,
+// fewer of both as the accumulators and x pieces grow.
 template <int NT>
 struct SkinnyShape {
+    static constexpr int FT = NT <= 8 ? 2 : 1;
     static constexpr int U = NT <= 2 ? 4 : (NT == 4 ? 2 : 1);
+    static constexpr int kCtaRows = kSkinnyWarps * FT * 16;  // features per CTA
 };
+
+int skinny_cta_rows(int64_t rows) {
+    return rows <= 64 ? SkinnyShape<8>::kCtaRows : SkinnyShape<16>::kCtaRows;
+}
 
 template <typename T, int NT>
 __global__ void __launch_bounds__(kSkinnyWarps * 32)
     skinny_gemm_kernel(T* __restrict__ y, int64_t y_stride, float* __restrict__ ws, const T* __restrict__ x,
                        int64_t x_stride, const T* __restrict__ w, const T* __restrict__ bias, int M, int N, int K,
                        int chunks_per_split) {
-    constexpr int U = SkinnyShape<NT>::U;
+    constexpr int U = SkinnyShape<NT>::U, FT = SkinnyShape<NT>::FT;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int row0 = blockIdx.x * kSkinnyCtaRows + warp * kSkinnyFt * 16;  // this warp's first feature
+    const int row0 = blockIdx.x * SkinnyShape<NT>::kCtaRows + warp * FT * 16;  // this warp's first feature
     const int split = blockIdx.y;
     const int k_begin = split * chunks_per_split * 32;
     const int k_end = min(K, k_begin + chunks_per_split * 32);
 
     // Feature rows g and g + 8 of each m-tile; rows of x g of each n-tile (zero past N and M).
-    const T* wr[kSkinnyFt][2];
-    bool w_ok[kSkinnyFt][2];
+    const T* wr[FT][2];
+    bool w_ok[FT][2];
 #pragma unroll
-    for (int f = 0; f < kSkinnyFt; ++f) {
+    for (int f = 0; f < FT; ++f) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int n = row0 + 16 * f + 8 * h + g;
@@ -71,9 +76,9 @@ __global__ void __launch_bounds__(kSkinnyWarps * 32)
         xr[j] = x + static_cast<int64_t>(x_ok[j] ? m : 0) * x_stride + 8 * t;
     }
 
-    float acc[kSkinnyFt][NT][4];
+    float acc[FT][NT][4];
 #pragma unroll
-    for (int f = 0; f < kSkinnyFt; ++f) {
+    for (int f = 0; f < FT; ++f) {
 #pragma unroll
         for (int j = 0; j < NT; ++j) acc[f][j][0] = acc[f][j][1] = acc[f][j][2] = acc[f][j][3] = 0.f;
     }
@@ -82,12 +87,12 @@ __global__ void __launch_bounds__(kSkinnyWarps * 32)
     for (int k0 = k_begin; k0 < k_end; k0 += 32 * U) {
         // Every load is issued, from an address inside the operands, before any is used; what lies past N, M
         // or the split's k is zeroed afterwards.
-        uint4 wv[U][kSkinnyFt][2], xv[U][NT];
+        uint4 wv[U][FT][2], xv[U][NT];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int k = k0 + 32 * u < k_end ? k0 + 32 * u : k_begin;
 #pragma unroll
-            for (int f = 0; f < kSkinnyFt; ++f) {
+            for (int f = 0; f < FT; ++f) {
 #pragma unroll
                 for (int h = 0; h < 2; ++h) wv[u][f][h] = load_stream(wr[f][h] + k);
             }
@@ -98,7 +103,7 @@ __global__ void __launch_bounds__(kSkinnyWarps * 32)
         for (int u = 0; u < U; ++u) {
             const bool k_ok = k0 + 32 * u < k_end;
 #pragma unroll
-            for (int f = 0; f < kSkinnyFt; ++f) {
+            for (int f = 0; f < FT; ++f) {
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     if (!(k_ok && w_ok[f][h])) wv[u][f][h] = zero;
@@ -112,7 +117,7 @@ __global__ void __launch_bounds__(kSkinnyWarps * 32)
 #pragma unroll
         for (int u = 0; u < U; ++u) {
 #pragma unroll
-            for (int f = 0; f < kSkinnyFt; ++f) {
+            for (int f = 0; f < FT; ++f) {
 #pragma unroll
                 for (int j = 0; j < NT; ++j) {
                     // k-step 0: k0 + 8t + {0,1} (a0a1, b0) and + {2,3} (a4a5, b1); k-step 1: + {4,5} and + {6,7}.
@@ -127,7 +132,7 @@ __global__ void __launch_bounds__(kSkinnyWarps * 32)
 
     // acc[f][j]: features row0 + 16f + g (+ 8 for [2], [3]) of rows 8j + 2t (+ 1 for [1], [3]) of y.
 #pragma unroll
-    for (int f = 0; f < kSkinnyFt; ++f) {
+    for (int f = 0; f < FT; ++f) {
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
 #pragma unroll
@@ -165,7 +170,7 @@ void launch(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const at::T
     if (splits > 1) ws = at::empty({splits, M, N}, x.options().dtype(at::kFloat));
     T* yp = reinterpret_cast<T*>(y.data_ptr());
     const T* bp = bias.defined() ? reinterpret_cast<const T*>(bias.data_ptr()) : nullptr;
-    dim3 grid(ceil_div(N, kSkinnyCtaRows), splits);
+    dim3 grid(ceil_div(N, SkinnyShape<NT>::kCtaRows), splits);
     skinny_gemm_kernel<T, NT><<<grid, kSkinnyWarps * 32, 0, current_stream()>>>(
         yp, y.stride(0), splits > 1 ? ws.data_ptr<float>() : nullptr, reinterpret_cast<const T*>(x.data_ptr()),
         x.stride(0), reinterpret_cast<const T*>(w.data_ptr()), bp, M, N, K, per);
@@ -191,7 +196,7 @@ bool skinny_gemm_supported(const at::Tensor& x, const at::Tensor& w) {
 }
 
 int64_t skinny_gemm_splits(int64_t rows, int64_t n, int64_t k, int64_t num_sms) {
-    const int64_t ctas = (n + kSkinnyCtaRows - 1) / kSkinnyCtaRows;
+    const int64_t ctas = (n + skinny_cta_rows(rows) - 1) / skinny_cta_rows(rows);
     const int64_t want = (4 * num_sms + ctas - 1) / ctas;  // about four CTAs per SM
     // Each split is >= 512 k, and the fp32 partial sums (splits x rows x n x 4 bytes) stay within an eighth of
     // the weight's bytes (n x k x 2).
@@ -222,8 +227,10 @@ void skinny_gemm(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const 
                 launch<scalar_t, 2>(y, x, w, bias, s);
             } else if (m <= 32) {
                 launch<scalar_t, 4>(y, x, w, bias, s);
-            } else {
+            } else if (m <= 64) {
                 launch<scalar_t, 8>(y, x, w, bias, s);
+            } else {
+                launch<scalar_t, 16>(y, x, w, bias, s);
             }
         }
     });
