@@ -377,7 +377,7 @@ def test_gemv(ops, dtype, rows, n, k):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 5, 8, 9, 16, 27, 32, 33, 64, 65, 100, 128])
-@pytest.mark.parametrize(("n", "k"), [(6144, 4096), (4096, 14336), (1000, 96), (200, 544)])
+@pytest.mark.parametrize(("n", "k"), [(6144, 4096), (4096, 14336), (1000, 96), (200, 544), (300, 40)])
 def test_skinny_gemm(ops, dtype, rows, n, k):
     """Tensor-core skinny GEMM against an fp32 matmul: every output written (n not a multiple of the CTA's 128
     features, rows past each n-tile's 8), strided x rows, with and without bias, one split and several."""
@@ -406,8 +406,8 @@ def test_skinny_gemm_is_bit_reproducible_and_refuses_what_it_cannot_take(ops):
     assert ops.skinny_gemm_supported(x, w)
     assert not ops.skinny_gemm_supported(x.float(), w.float())  # fp32
     assert not ops.skinny_gemm_supported(torch.randn(129, 4096, device="cuda", dtype=torch.bfloat16), w)  # rows
-    w40 = torch.randn(64, 40, device="cuda", dtype=torch.bfloat16)
-    assert not ops.skinny_gemm_supported(torch.randn(4, 40, device="cuda", dtype=torch.bfloat16), w40)  # k % 32
+    w44 = torch.randn(64, 44, device="cuda", dtype=torch.bfloat16)
+    assert not ops.skinny_gemm_supported(torch.randn(4, 44, device="cuda", dtype=torch.bfloat16), w44)  # k % 8
     w_empty = torch.empty(0, 4096, device="cuda", dtype=torch.bfloat16)
     assert not ops.skinny_gemm_supported(x, w_empty)  # no output features
     with pytest.raises(RuntimeError, match="skinny_gemm"):

@@ -116,6 +116,15 @@ __device__ __forceinline__ uint4 load_stream(const void* p) {
     return r;
 }
 
+// 16-byte global -> shared copy that bypasses registers; src_bytes 0 writes zeros (what lies past the operand).
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src, int src_bytes) {
+    const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
 // c += a b for one mma.sync m16n8k16 tile of T (bf16 or fp16; a row-major, b column-major), fp32 accumulators.
 // a0..a3 and b0, b1 are the PTX fragment registers (two T each).
 #define TURBO_MMA_M16N8K16(ab)                                                                              \

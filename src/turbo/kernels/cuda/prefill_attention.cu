@@ -26,15 +26,6 @@ struct PrefillMmaSmem {
     static constexpr size_t bytes = sizeof(T) * kBlockM * LDK + 2 * STAGES * tile;
 };
 
-// 16-byte global -> shared copy that bypasses registers; src_bytes 0 writes zeros (rows past the context).
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src, int src_bytes) {
-    const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
 // Issues the asynchronous gather of one K and one V tile (16-bit types: 8 elements per copy).
 template <typename T, int HEAD_DIM, int LD>
 __device__ __forceinline__ void issue_kv_tile(T* ks, T* vs, const T* __restrict__ k_cache,
