@@ -30,6 +30,7 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--rows", type=int, default=15)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="the step's token budget")
     a = p.parse_args()
     args = argparse.Namespace(
         device="cuda",
@@ -38,6 +39,7 @@ def main() -> None:
         io=[(a.input_len, a.output_len)],
         cache_max_entry_count=0.5,
         load_format=a.load_format,
+        max_num_batched_tokens=a.max_num_batched_tokens,
     )
     engine = make_engine(a.backend, resolve_model_path(a.model), args)
     run_engine(engine, a.backend, a.batch, a.input_len, 4, "cuda", 1)  # warm-up (graphs, kernels)

@@ -410,8 +410,6 @@ def test_skinny_gemm_is_bit_reproducible_and_refuses_what_it_cannot_take(ops):
     assert not ops.skinny_gemm_supported(torch.randn(4, 44, device="cuda", dtype=torch.bfloat16), w44)  # k % 8
     w_empty = torch.empty(0, 4096, device="cuda", dtype=torch.bfloat16)
     assert not ops.skinny_gemm_supported(x, w_empty)  # no output features
-    with pytest.raises(RuntimeError, match="skinny_gemm"):
-        ops.skinny_gemm(y1, x.float(), w.float(), None, 1)
 
 
 def test_gemv_refuses_what_it_cannot_take(ops):
