@@ -21,7 +21,6 @@ SOURCES = [
     "kv_write.cu",
     "sampling.cu",
     "gemv.cu",
-    "skinny_gemm.cu",
 ]
 BUILD_DIR = Path(os.environ.get("TURBO_CUDA_BUILD_DIR", "/tmp/turbo_cuda_build"))
 
@@ -73,12 +72,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         tc::gemv(y, x, w, bias.value_or(at::Tensor()));
     });
     m.def("gemv_supported", &tc::gemv_supported);
-    m.def("skinny_gemm",
-          [](at::Tensor y, at::Tensor x, at::Tensor w, std::optional<at::Tensor> bias, int64_t splits) {
-              tc::skinny_gemm(y, x, w, bias.value_or(at::Tensor()), splits);
-          });
-    m.def("skinny_gemm_supported", &tc::skinny_gemm_supported);
-    m.def("skinny_gemm_splits", &tc::skinny_gemm_splits);
 }
 """
 

@@ -375,43 +375,6 @@ def test_gemv(ops, dtype, rows, n, k):
         assert err < {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype], err
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [1, 5, 8, 9, 16, 27, 32, 33, 64, 65, 100, 128])
-@pytest.mark.parametrize(("n", "k"), [(6144, 4096), (4096, 14336), (1000, 96), (200, 544), (300, 40)])
-def test_skinny_gemm(ops, dtype, rows, n, k):
-    """Tensor-core skinny GEMM against an fp32 matmul: every output written (n not a multiple of the CTA's 128
-    features, rows past each n-tile's 8), strided x rows, with and without bias, one split and several."""
-    x = torch.randn(rows, k + 8, device="cuda", dtype=dtype)[:, :k]
-    w = torch.randn(n, k, device="cuda", dtype=dtype) / math.sqrt(k)
-    for bias in (None, torch.randn(n, device="cuda", dtype=dtype)):
-        ref = x.float() @ w.float().T + (0 if bias is None else bias.float())
-        for splits in (1, 3, ops.skinny_gemm_splits(rows, n, k, 132)):
-            y = torch.full((rows, n), float("nan"), device="cuda", dtype=dtype)
-            ops.skinny_gemm(y, x, w, bias, splits)
-            assert not y.isnan().any(), splits
-            err = (y.float() - ref).norm() / ref.norm()
-            assert err < {torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype], (splits, err)
-
-
-def test_skinny_gemm_is_bit_reproducible_and_refuses_what_it_cannot_take(ops):
-    x = torch.randn(20, 4096, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-    y1, y2 = (
-        torch.empty(20, 4096, device="cuda", dtype=torch.bfloat16),
-        torch.empty(20, 4096, device="cuda", dtype=torch.bfloat16),
-    )
-    ops.skinny_gemm(y1, x, w, None, 8)
-    ops.skinny_gemm(y2, x, w, None, 8)
-    assert torch.equal(y1, y2)
-    assert ops.skinny_gemm_supported(x, w)
-    assert not ops.skinny_gemm_supported(x.float(), w.float())  # fp32
-    assert not ops.skinny_gemm_supported(torch.randn(129, 4096, device="cuda", dtype=torch.bfloat16), w)  # rows
-    w44 = torch.randn(64, 44, device="cuda", dtype=torch.bfloat16)
-    assert not ops.skinny_gemm_supported(torch.randn(4, 44, device="cuda", dtype=torch.bfloat16), w44)  # k % 8
-    w_empty = torch.empty(0, 4096, device="cuda", dtype=torch.bfloat16)
-    assert not ops.skinny_gemm_supported(x, w_empty)  # no output features
-
-
 def test_gemv_refuses_what_it_cannot_take(ops):
     w = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
     assert ops.gemv_supported(torch.randn(8, 64, device="cuda", dtype=torch.bfloat16), w)

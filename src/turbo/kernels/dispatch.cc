@@ -190,19 +190,6 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bi
     turbo::cuda::gemv(y, x, w, bias);
     return y;
   }
-  // Decode steps of a few to ~128 rows: the tensor-core skinny GEMM streams the weight faster than cuBLAS there
-  // (benchmark/kernels/bench_skinny_gemm.py); TURBO_SKINNY_ROWS=0 turns it off.
-  static const int64_t skinny_rows = [] {
-    const char* env = std::getenv("TURBO_SKINNY_ROWS");
-    return std::clamp<int64_t>(env ? std::atoll(env) : turbo::cuda::kSkinnyMaxRows, 0, turbo::cuda::kSkinnyMaxRows);
-  }();
-  if (on_cuda(x) && x.size(0) <= skinny_rows && turbo::cuda::skinny_gemm_supported(x, w)) {
-    at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
-    const int64_t splits =
-        turbo::cuda::skinny_gemm_splits(x.size(0), w.size(0), w.size(1), turbo::cuda::device_num_sms());
-    turbo::cuda::skinny_gemm(y, x, w, bias, splits);
-    return y;
-  }
 #endif
   return bias.defined() ? at::addmm(bias, x, w.t()) : at::mm(x, w.t());
 }

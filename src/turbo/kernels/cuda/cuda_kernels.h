@@ -67,20 +67,6 @@ bool gemv_supported(const at::Tensor& x, const at::Tensor& w);
 // streaming the weight (decode is bound by reading it). y: [M, N] with contiguous rows.
 void gemv(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias);
 
-constexpr int64_t kSkinnyMaxRows = 128;
-
-// Whether skinny_gemm takes these operands: bf16/fp16 x [M <= kSkinnyMaxRows, K] (contiguous rows), w [N, K]
-// contiguous, K a multiple of 32, rows 16-byte aligned.
-bool skinny_gemm_supported(const at::Tensor& x, const at::Tensor& w);
-
-// The k splits skinny_gemm aims at for these sizes (about four CTAs per SM, >= 512 k a split, partial sums
-// within an eighth of the weight's bytes).
-int64_t skinny_gemm_splits(int64_t rows, int64_t n, int64_t k, int64_t num_sms);
-
-// y [M, N] = x [M, K] w[N, K]^T (+ bias [N], or undefined) on tensor cores, fp32 accumulation, the weight streamed
-// once; `splits` k splits summed in a fixed order (bit-reproducible). Not yet called by the engine (see the .cu).
-void skinny_gemm(at::Tensor& y, const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, int64_t splits);
-
 // ---- elementwise / norms ----
 
 // out = weight * (x * rsqrt(mean(x^2) + eps)) in HF's rounding order; x, out [T, H] (rows may be strided).
