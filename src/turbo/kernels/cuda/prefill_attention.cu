@@ -75,15 +75,40 @@ __global__ void __launch_bounds__(kPrefillWarps * 32)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t4 = lane & 3;
 
+    const int last_pos = q_pos0 + min(q_len, m0 + kBlockM) - 1;
+    const int kv_end = min(ctx, last_pos + 1);
+    int kv_begin = 0;
+    if (window > 0) kv_begin = max(0, q_pos0 + m0 - window + 1) / kBlockN * kBlockN;
+    const int* table = block_tables + b * bt_stride;
+    const int64_t row_stride = static_cast<int64_t>(num_kv_heads) * HEAD_DIM;
+    const int64_t head_off = static_cast<int64_t>(kvh) * HEAD_DIM;
+
+    // The Q tile and the first K/V tile go in flight together, so the CTA waits for memory once before its
+    // first tile instead of twice (this matters for short prompts, whose CTAs see one to a few K/V tiles).
+    const T* q_tile = q + (q_start + m0) * q_stride_t + h * q_stride_h;
+    const bool q_vec = TURBO_PREFILL_PIPELINE && reinterpret_cast<uintptr_t>(q) % 16 == 0 && q_stride_t % 8 == 0 &&
+                       q_stride_h % 8 == 0;
     for (int idx = threadIdx.x; idx < kBlockM * (HEAD_DIM / 8); idx += blockDim.x) {
         const int r = idx / (HEAD_DIM / 8), c = (idx - r * (HEAD_DIM / 8)) * 8;
+        const bool ok = m0 + r < q_len;
+        if (q_vec) {
+            cp_async16(Qs + r * LDK + c, ok ? q_tile + r * q_stride_t + c : q, ok ? 16 : 0);
+            continue;
+        }
         T vals[8];
 #pragma unroll
-        for (int i = 0; i < 8; ++i)
-            vals[i] = m0 + r < q_len ? q[(q_start + m0 + r) * q_stride_t + h * q_stride_h + c + i] : from_float<T>(0.f);
+        for (int i = 0; i < 8; ++i) vals[i] = ok ? q_tile[r * q_stride_t + c + i] : from_float<T>(0.f);
 #pragma unroll
         for (int i = 0; i < 8; ++i) Qs[r * LDK + c + i] = vals[i];
     }
+#if TURBO_PREFILL_PIPELINE
+    if (kv_begin < kv_end) {
+        issue_kv_tile<T, HEAD_DIM, LDK>(Kbuf, Vbuf, k_cache, v_cache, table, kv_begin, kv_end, block_size,
+                                        row_stride, head_off);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();  // Q (and K/V tile 0: the loop's first wait finds it landed)
+#endif
     __syncthreads();
     wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qa[HEAD_DIM / 16];
 #pragma unroll
@@ -98,21 +123,6 @@ __global__ void __launch_bounds__(kPrefillWarps * 32)
     float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};  // l: this lane's partial sums
     const float scale2 = scale * kLog2eP;
 
-    const int last_pos = q_pos0 + min(q_len, m0 + kBlockM) - 1;
-    const int kv_end = min(ctx, last_pos + 1);
-    int kv_begin = 0;
-    if (window > 0) kv_begin = max(0, q_pos0 + m0 - window + 1) / kBlockN * kBlockN;
-    const int* table = block_tables + b * bt_stride;
-    const int64_t row_stride = static_cast<int64_t>(num_kv_heads) * HEAD_DIM;
-    const int64_t head_off = static_cast<int64_t>(kvh) * HEAD_DIM;
-
-#if TURBO_PREFILL_PIPELINE
-    if (kv_begin < kv_end) {
-        issue_kv_tile<T, HEAD_DIM, LDK>(Kbuf, Vbuf, k_cache, v_cache, table, kv_begin, kv_end, block_size,
-                                        row_stride, head_off);
-    }
-    cp_async_commit();
-#endif
     for (int n0 = kv_begin, it = 0; n0 < kv_end; n0 += kBlockN, ++it) {
 #if TURBO_PREFILL_PIPELINE
         const int buf = it & 1;
