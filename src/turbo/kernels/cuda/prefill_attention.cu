@@ -75,13 +75,11 @@ __global__ void __launch_bounds__(kPrefillWarps * 32)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t4 = lane & 3;
 
-    const int last_pos = q_pos0 + min(q_len, m0 + kBlockM) - 1;
-    const int kv_end = min(ctx, last_pos + 1);
-    int kv_begin = 0;
-    if (window > 0) kv_begin = max(0, q_pos0 + m0 - window + 1) / kBlockN * kBlockN;
-    const int* table = block_tables + b * bt_stride;
-    const int64_t row_stride = static_cast<int64_t>(num_kv_heads) * HEAD_DIM;
-    const int64_t head_off = static_cast<int64_t>(kvh) * HEAD_DIM;
+    const PrefillKvRange kv =
+        prefill_kv_range<HEAD_DIM>(ctx, q_len, m0, window, kvh, num_kv_heads, block_tables, bt_stride, b);
+    const int kv_begin = kv.begin, kv_end = kv.end;
+    const int* table = kv.table;
+    const int64_t row_stride = kv.row_stride, head_off = kv.head_off;
 
     // The Q tile and the first K/V tile go in flight together, so the CTA waits for memory once before its
     // first tile instead of twice (this matters for short prompts, whose CTAs see one to a few K/V tiles).

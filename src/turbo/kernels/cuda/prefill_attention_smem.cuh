@@ -24,6 +24,31 @@ constexpr float kLog2eP = 1.4426950408889634f;
 #define TURBO_PREFILL_REGISTER_ACC 1  // 0: the shared-memory accumulator path for fp16/bf16 too
 #endif
 
+// The keys a 64-query tile of one sequence attends to, [begin, end) with begin on a tile boundary (causal, and the
+// sliding window when window > 0), and where its kv head's rows sit in the paged cache.
+struct PrefillKvRange {
+    int begin, end;
+    const int* table;    // the sequence's block table
+    int64_t row_stride;  // elements from one token's row of the cache to the next
+    int64_t head_off;    // the kv head's first element in a row
+};
+
+template <int HEAD_DIM>
+__device__ __forceinline__ PrefillKvRange prefill_kv_range(int ctx, int q_len, int m0, int window, int kvh,
+                                                           int num_kv_heads, const int* block_tables,
+                                                           int64_t bt_stride, int b) {
+    const int q_pos0 = ctx - q_len;
+    const int last_pos = q_pos0 + min(q_len, m0 + kBlockM) - 1;  // last query position of the tile
+    PrefillKvRange r;
+    r.end = min(ctx, last_pos + 1);
+    r.begin = 0;
+    if (window > 0) r.begin = max(0, q_pos0 + m0 - window + 1) / kBlockN * kBlockN;
+    r.table = block_tables + b * bt_stride;
+    r.row_stride = static_cast<int64_t>(num_kv_heads) * HEAD_DIM;
+    r.head_off = static_cast<int64_t>(kvh) * HEAD_DIM;
+    return r;
+}
+
 template <typename T, int HEAD_DIM>
 struct PrefillSmem {
     static constexpr bool kWmma = !std::is_same<T, float>::value;
@@ -120,14 +145,11 @@ __global__ void __launch_bounds__(kPrefillWarps * 32)
     float m_row = -INFINITY, l_row = 0.f;
     const float scale2 = scale * kLog2eP;
 
-    const int last_pos = q_pos0 + min(q_len, m0 + kBlockM) - 1;  // last query position of the tile
-    const int kv_end = min(ctx, last_pos + 1);
-    int kv_begin = 0;
-    if (window > 0) kv_begin = max(0, q_pos0 + m0 - window + 1) / kBlockN * kBlockN;
-
-    const int* table = block_tables + b * bt_stride;
-    const int64_t row_stride = static_cast<int64_t>(num_kv_heads) * HEAD_DIM;
-    const int64_t head_off = static_cast<int64_t>(kvh) * HEAD_DIM;
+    const PrefillKvRange kv =
+        prefill_kv_range<HEAD_DIM>(ctx, q_len, m0, window, kvh, num_kv_heads, block_tables, bt_stride, b);
+    const int kv_begin = kv.begin, kv_end = kv.end;
+    const int* table = kv.table;
+    const int64_t row_stride = kv.row_stride, head_off = kv.head_off;
     float* Sw = Ss + warp * 16 * L::LDS;
     T* Pw = Ps + warp * 16 * L::LDP;
     float* Ow = Os + warp * 16 * L::LDO;
