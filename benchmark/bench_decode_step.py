@@ -76,6 +76,11 @@ def main() -> None:
     p.add_argument("--context", type=int, nargs="+", default=[256, 512])
     p.add_argument("--kv-gib", type=float, default=24.0, help="KV pool of each of the two models")
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument(
+        "--same-priority",
+        action="store_true",
+        help="also nano-batches with the side stream's priority the same as the current one's (TURBO_NANO_PRIORITY=0)",
+    )
     a = p.parse_args()
     loaded = load_model(resolve_model_path(a.model), dtype=torch.bfloat16, load_format=a.load_format, device="cuda")
     spec = loaded.spec
@@ -84,20 +89,31 @@ def main() -> None:
     kv_token_bytes = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 2
     num_blocks = int(a.kv_gib * 2**30 // (kv_token_bytes * BLOCK))
     max_bs, width = max(a.batch), (max(a.context) + BLOCK - 1) // BLOCK
+    modes = {"one batch": (0, "1"), "two nano-batches": (2, "1")}
+    if a.same_priority:
+        modes["same priority"] = (2, "0")
     models = {
         name: _turbo.Model(model_config(spec), weights, num_blocks, BLOCK, nano_batch_rows=rows)
-        for name, rows in (("one batch", 0), ("two nano-batches", 2))
+        for name, (rows, _) in modes.items()
     }
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB; KV pool {num_blocks} blocks")
-    print("| batch | context | one batch (ms) | two nano-batches (ms) | change | weights + KV at copy bandwidth (ms) |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    head = "| batch | context | one batch (ms) | two nano-batches (ms) | change | weights + KV at copy bandwidth (ms) |"
+    same = (" same priority (ms) |", "---:|") if a.same_priority else ("", "")
+    print(head + same[0])
+    print("|---:|---:|---:|---:|---:|---:|" + same[1])
     for context in a.context:
         for batch in a.batch:
-            t = {name: step_ms(m, batch, context, num_blocks, max_bs, width, a.reps) for name, m in models.items()}
+            t = {}
+            for name, m in models.items():
+                os.environ["TURBO_NANO_PRIORITY"] = modes[name][1]  # read when a bucket's graph is captured
+                t[name] = step_ms(m, batch, context, num_blocks, max_bs, width, a.reps)
             one, two = t["one batch"], t["two nano-batches"]
             floor = (weight_bytes + batch * context * kv_token_bytes) / bw * 1e3
-            print(f"| {batch} | {context} | {one:.2f} | {two:.2f} | {100 * (two / one - 1):+.1f}% | {floor:.2f} |")
+            same = f" | {t['same priority']:.2f}" if a.same_priority else ""
+            print(
+                f"| {batch} | {context} | {one:.2f} | {two:.2f} | {100 * (two / one - 1):+.1f}% | {floor:.2f}{same} |"
+            )
 
 
 if __name__ == "__main__":

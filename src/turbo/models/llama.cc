@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <optional>
 #include <stdexcept>
 
@@ -200,7 +201,9 @@ at::Tensor LlamaModel::forward_nano_batches(const ForwardBatch& b, KVCache& kv, 
   if (streams) {
     impl.emplace(dev.type());
     main = impl->getStream(dev);
-    side = impl->getStreamFromGlobalPool(dev, /*isHighPriority=*/true);
+    // High priority: attention CTAs take SMs as the GEMM's retire (env TURBO_NANO_PRIORITY=0: the same priority).
+    const char* prio = std::getenv("TURBO_NANO_PRIORITY");
+    side = impl->getStreamFromGlobalPool(dev, /*isHighPriority=*/!(prio && std::string(prio) == "0"));
   }
   // Issue half h's attention of layer i: on the side stream once the current one has written its input.
   auto attend_half = [&](Half& s, size_t i) {
