@@ -74,14 +74,21 @@ def main() -> None:
     p.add_argument("--load-format", default="dummy", choices=["auto", "dummy"])
     p.add_argument("--batch", type=int, nargs="+", default=[256, 512, 1024])
     p.add_argument("--context", type=int, nargs="+", default=[256, 512])
-    p.add_argument("--kv-gib", type=float, default=24.0, help="KV pool of each of the two models")
+    p.add_argument("--kv-gib", type=float, default=24.0, help="KV pool of each model")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument(
         "--same-priority",
         action="store_true",
-        help="also nano-batches with the side stream's priority the same as the current one's (TURBO_NANO_PRIORITY=0)",
+        help="also nano-batches with the side stream at the current one's priority (TURBO_NANO_PRIORITY=0)",
     )
-    a = p.parse_args()
+    p.add_argument(
+        "--sm-carveout",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also nano-batches whose GEMMs leave this many SMs to the attention (TURBO_NANO_SM_CARVEOUT)",
+    )
+    a = p.parse_args()  # fmt: skip
     loaded = load_model(resolve_model_path(a.model), dtype=torch.bfloat16, load_format=a.load_format, device="cuda")
     spec = loaded.spec
     weights = turbo_weights(spec, loaded.weights, max(a.context) + 1, "cuda", torch.bfloat16)
@@ -89,30 +96,36 @@ def main() -> None:
     kv_token_bytes = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 2
     num_blocks = int(a.kv_gib * 2**30 // (kv_token_bytes * BLOCK))
     max_bs, width = max(a.batch), (max(a.context) + BLOCK - 1) // BLOCK
-    modes = {"one batch": (0, "1"), "two nano-batches": (2, "1")}
+    # mode -> (nano_batch_rows, environment read when a bucket's graph is captured)
+    modes = {"one batch": (0, {}), "two nano-batches": (2, {})}
     if a.same_priority:
-        modes["same priority"] = (2, "0")
+        modes["same priority"] = (2, {"TURBO_NANO_PRIORITY": "0"})
+    for c in a.sm_carveout:
+        modes[f"carveout {c}"] = (2, {"TURBO_NANO_SM_CARVEOUT": str(c)})
     models = {
         name: _turbo.Model(model_config(spec), weights, num_blocks, BLOCK, nano_batch_rows=rows)
         for name, (rows, _) in modes.items()
     }
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB; KV pool {num_blocks} blocks")
-    head = "| batch | context | one batch (ms) | two nano-batches (ms) | change | weights + KV at copy bandwidth (ms) |"
-    same = (" same priority (ms) |", "---:|") if a.same_priority else ("", "")
-    print(head + same[0])
-    print("|---:|---:|---:|---:|---:|---:|" + same[1])
+    extra = list(modes)[2:]
+    print("| batch | context | one batch (ms) | two nano-batches (ms) | change | weights + KV at copy bandwidth (ms) |"
+          + "".join(f" {name} (ms) |" for name in extra))  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|" + "---:|" * len(extra))
     for context in a.context:
         for batch in a.batch:
             t = {}
             for name, m in models.items():
-                os.environ["TURBO_NANO_PRIORITY"] = modes[name][1]  # read when a bucket's graph is captured
+                env = modes[name][1]
+                os.environ.update(env)
                 t[name] = step_ms(m, batch, context, num_blocks, max_bs, width, a.reps)
+                for k in env:
+                    del os.environ[k]
             one, two = t["one batch"], t["two nano-batches"]
             floor = (weight_bytes + batch * context * kv_token_bytes) / bw * 1e3
-            same = f" | {t['same priority']:.2f}" if a.same_priority else ""
+            cells = "".join(f" {t[name]:.2f} |" for name in extra)
             print(
-                f"| {batch} | {context} | {one:.2f} | {two:.2f} | {100 * (two / one - 1):+.1f}% | {floor:.2f}{same} |"
+                f"| {batch} | {context} | {one:.2f} | {two:.2f} | {100 * (two / one - 1):+.1f}% | {floor:.2f} |{cells}"
             )
 
 

@@ -205,6 +205,23 @@ at::Tensor LlamaModel::forward_nano_batches(const ForwardBatch& b, KVCache& kv, 
     const char* prio = std::getenv("TURBO_NANO_PRIORITY");
     side = impl->getStreamFromGlobalPool(dev, /*isHighPriority=*/!(prio && std::string(prio) == "0"));
   }
+  // Experiment: the current stream's GEMMs through cuBLASLt on all but N SMs (env TURBO_NANO_SM_CARVEOUT=N), so
+  // that they leave room for the attention beside them (cuBLAS's Hopper kernels are persistent: one CTA per SM).
+  struct BlasScope {
+    at::BlasBackend backend = at::globalContext().blasPreferredBackend();
+    std::optional<int32_t> carveout = at::globalContext()._SMCarveout_EXPERIMENTAL();
+    bool set = false;
+    ~BlasScope() {
+      if (!set) return;
+      at::globalContext().setBlasPreferredBackend(backend);
+      at::globalContext()._setSMCarveout_EXPERIMENTAL(carveout);
+    }
+  } blas;
+  if (const char* c = std::getenv("TURBO_NANO_SM_CARVEOUT"); streams && c && std::atoi(c) > 0) {
+    at::globalContext().setBlasPreferredBackend(at::BlasBackend::Cublaslt);
+    at::globalContext()._setSMCarveout_EXPERIMENTAL(std::atoi(c));
+    blas.set = true;
+  }
   // Issue half h's attention of layer i: on the side stream once the current one has written its input.
   auto attend_half = [&](Half& s, size_t i) {
     const at::Tensor q = s.qkv.narrow(1, 0, H * D).view({s.b.num_decodes, H, D});
