@@ -134,33 +134,3 @@ def random_wave(engine, prefix: str, n: int, rng, vocab: int, num_blocks: int, m
                 ends[out.request_id] = ends.get(out.request_id, 0) + 1
     assert set(ends) == set(ids) and set(ends.values()) == {1}
     wait_idle(engine, num_blocks)
-
-
-def step_inputs(
-    seqs: list[list[int]], done: list[int], blocks_per_seq: int, ids=None, device: str = "cuda", block: int = 16
-) -> tuple:
-    """The inputs of one step of lmkit._turbo.Model.forward: seq i (its id ids[i], default i, owns blocks
-    ids[i] * blocks_per_seq ...) feeds tokens done[i]: (its KV cache holds the rest); every new row is sampled."""
-    import torch
-
-    ids = list(range(len(seqs))) if ids is None else ids
-    toks, pos, slots, cu, kvl = [], [], [], [0], []
-    for i, s, d in zip(ids, seqs, done):
-        base = i * blocks_per_seq
-        for p in range(d, len(s)):
-            toks.append(s[p])
-            pos.append(p)
-            slots.append((base + p // block) * block + p % block)
-        cu.append(len(toks))
-        kvl.append(len(s))
-    table = [[i * blocks_per_seq + b for b in range(blocks_per_seq)] for i in ids]
-    i32 = dict(dtype=torch.int32, device=device)
-    return (
-        torch.tensor(toks, device=device),
-        torch.tensor(pos, device=device),
-        torch.tensor(slots, device=device),
-        torch.tensor(table, **i32),
-        torch.tensor(cu, **i32),
-        torch.tensor(kvl, **i32),
-        torch.arange(len(toks), device=device),
-    )

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_testing import step_inputs
 from tiny_models import tiny_config
 
 from lmkit import _turbo
@@ -72,6 +71,32 @@ def model_config(spec) -> _turbo.ModelConfig:
 def forward(model, seqs: list[list[int]], done: list[int], blocks_per_seq: int) -> torch.Tensor:
     """One batched step: seq i feeds tokens done[i]: (its KV cache holds the rest); logits of every new row."""
     return model.forward(*step_inputs(seqs, done, blocks_per_seq))
+
+
+def step_inputs(seqs: list[list[int]], done: list[int], blocks_per_seq: int, ids=None) -> tuple[torch.Tensor, ...]:
+    """The device tensors of one step (seq ids[i], default i, owns blocks ids[i] * blocks_per_seq ...); every new
+    row is sampled."""
+    ids = list(range(len(seqs))) if ids is None else ids
+    toks, pos, slots, cu, kvl = [], [], [], [0], []
+    for i, s, d in zip(ids, seqs, done):
+        base = i * blocks_per_seq
+        for p in range(d, len(s)):
+            toks.append(s[p])
+            pos.append(p)
+            slots.append((base + p // BLOCK) * BLOCK + p % BLOCK)
+        cu.append(len(toks))
+        kvl.append(len(s))
+    table = torch.tensor([[i * blocks_per_seq + b for b in range(blocks_per_seq)] for i in ids], dtype=torch.int32)
+    i32 = dict(dtype=torch.int32, device="cuda")
+    return (
+        torch.tensor(toks, device="cuda"),
+        torch.tensor(pos, device="cuda"),
+        torch.tensor(slots, device="cuda"),
+        table.cuda(),
+        torch.tensor(cu, **i32),
+        torch.tensor(kvl, **i32),
+        torch.arange(len(toks), device="cuda"),
+    )
 
 
 def turbo_model(path: Path, dtype: torch.dtype, load_format: str = "auto", num_blocks: int = 64):
@@ -288,41 +313,9 @@ def test_decode_graph_logits_equal_eager(bf16, gpu_model_dir, llama3_8b_2layers)
                 seqs[i] = seqs[i] + [t]
 
 
-@pytest.mark.parametrize("bf16", [False, True], ids=["tiny-fp32", "llama3-8b-shape-bf16"])
-def test_nano_batch_logits_equal_one_batch(bf16, gpu_model_dir, llama3_8b_2layers):
-    """Decode steps as two nano-batches (nano_batch_rows=2; each half's attention on a second stream), eager and
-    replayed from CUDA graphs, give the one-batch eager logits: four steps over changing subsets, each fed the
-    one-batch model's greedy tokens; a later step reads the KV that the nano-batches wrote."""
-    path, dtype, fmt = (
-        (llama3_8b_2layers, torch.bfloat16, "dummy") if bf16 else (gpu_model_dir("llama"), torch.float32, "auto")
-    )
-    loaded = load_model(path, dtype=dtype, load_format=fmt, device="cuda" if fmt == "dummy" else "cpu")
-    weights = turbo_weights(loaded.spec, loaded.weights, 512, "cuda", dtype)
-    plain, nano, graph = (
-        _turbo.Model(model_config(loaded.spec), weights, 64, BLOCK, nano_batch_rows=n) for n in (0, 2, 2)
-    )
-    seqs = prompts(loaded.spec.vocab_size, lens=(5, 19, 40, 71, 9))
-    with torch.no_grad():
-        for m in (plain, nano, graph):
-            forward(m, [s[:-1] for s in seqs], [0] * len(seqs), 8)
-        for live in ([0, 1, 2, 3, 4], [0, 2, 4], [1, 2, 3, 4, 0], [3, 1, 0]):
-            batch = [seqs[i] for i in live]
-            inputs = step_inputs(batch, [len(s) - 1 for s in batch], 8, ids=live)
-            want = plain.forward(*inputs)
-            for got in (nano.forward(*inputs), graph.forward_graph(*inputs, 8, 8)[0]):
-                if bf16:
-                    err = (got.float() - want.float()).abs().max().item() / want.float().abs().max().item()
-                    assert err < 2e-2, (live, err)
-                else:
-                    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-            for i, t in zip(live, want.argmax(-1).tolist()):
-                seqs[i] = seqs[i] + [t]
-
-
 def test_engine_cuda_graphs_match_eager(gpu_model_dir, monkeypatch):
-    """The engine with decode graphs (the default), with TURBO_CUDA_GRAPHS=0, and with graphs of two nano-batches
-    (TURBO_NANO_BATCH=4) produce the same greedy tokens, seeded draws and logprobs while the batch shrinks through
-    several buckets."""
+    """The engine with decode graphs (the default) and with TURBO_CUDA_GRAPHS=0 produce the same greedy tokens,
+    seeded draws and logprobs while the batch shrinks through several buckets."""
     path = gpu_model_dir("llama")
     cfg = TurboEngineConfig(device="cuda", dtype="float32", num_blocks=256, cache_block_seq_len=BLOCK,
                             max_num_batched_tokens=64, session_len=512)  # fmt: skip
@@ -336,20 +329,18 @@ def test_engine_cuda_graphs_match_eager(gpu_model_dir, monkeypatch):
             sp = SamplingParams(max_new_tokens=n, temperature=0.0, logprobs=2 if i % 4 == 1 else None, ignore_eos=True)
         reqs.append((p, sp))
     results = []
-    for graphs, nano in (("1", "0"), ("0", "0"), ("1", "4")):
+    for graphs in ("1", "0"):
         monkeypatch.setenv("TURBO_CUDA_GRAPHS", graphs)
-        monkeypatch.setenv("TURBO_NANO_BATCH", nano)
         engine = TurboEngine(path, cfg)
         try:
             results.append(run_engine(engine, reqs))
         finally:
             engine.shutdown()
-    eager = results[1]
-    for got in (results[0], results[2]):
-        for rid in eager:
-            assert got[rid][0] == eager[rid][0], rid
-            for a, b in zip(got[rid][1], eager[rid][1]):
-                assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4
+    with_graphs, eager = results
+    for rid in eager:
+        assert with_graphs[rid][0] == eager[rid][0], rid
+        for a, b in zip(with_graphs[rid][1], eager[rid][1]):
+            assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4
 
 
 def test_engine_pipelined_decode_matches_unpipelined(gpu_model_dir, monkeypatch):

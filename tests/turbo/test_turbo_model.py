@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from engine_testing import step_inputs
 
 from lmkit import _turbo
 from lmkit.model.loader import load_model
@@ -83,25 +82,3 @@ def test_batch_of_sequences_matches_single(tiny_model_dir):
     )
     torch.testing.assert_close(logits[0], single_a[-1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logits[1], single_b[-1], rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])
-def test_nano_batches_match_one_batch(kind, tiny_model_dir):
-    """Decode steps run as two nano-batches (nano_batch_rows=2: every step of two rows or more) give the one-batch
-    logits and write the same KV: five steps over changing, odd-sized and reordered subsets, each fed the greedy
-    tokens of the one-batch model; a one-row step stays one batch."""
-    loaded = load_model(tiny_model_dir(kind))
-    spec = loaded.spec
-    weights = turbo_weights(spec, dict(loaded.weights), max_positions=256)
-    plain, nano = (_turbo.Model(model_config(spec), weights, 64, 16, nano_batch_rows=n) for n in (0, 2))
-    g = torch.Generator().manual_seed(3)
-    seqs = [torch.randint(3, spec.vocab_size, (n,), generator=g).tolist() for n in (5, 19, 40, 33, 9)]
-    for m in (plain, nano):  # prefill all but each sequence's last token (a mixed step: never split)
-        m.forward(*step_inputs([s[:-1] for s in seqs], [0] * len(seqs), 8, device="cpu"))
-    for live in ([0, 1, 2, 3, 4], [0, 2, 4], [4, 1, 3, 2, 0], [3, 1], [2]):
-        batch = [seqs[i] for i in live]
-        inputs = step_inputs(batch, [len(s) - 1 for s in batch], 8, ids=live, device="cpu")
-        want, got = plain.forward(*inputs), nano.forward(*inputs)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        for i, t in zip(live, want.argmax(-1).tolist()):
-            seqs[i] = seqs[i] + [t]

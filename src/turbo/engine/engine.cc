@@ -33,10 +33,6 @@ Engine::Engine(const EngineConfig& config, const ModelConfig& model_config, cons
   bm_ = std::make_unique<BlockManager>(config.num_blocks, config.block_size, config.enable_prefix_caching);
   scheduler_ = std::make_unique<Scheduler>(bm_.get(), config.max_num_seqs, config.max_num_batched_tokens);
   profile_ = std::make_unique<StepProfile>();
-  if (model_->options().device().is_cuda()) {
-    const char* v = std::getenv("TURBO_NANO_BATCH");
-    model_->set_nano_batch_rows(v ? std::atoll(v) : config.nano_batch_rows);
-  }
   setup_cuda_graphs();
   // Pipelined decode: on by default with CUDA graphs; TURBO_PIPELINE=0 turns it off, =1 on for eager steps too
   // (on CPU it overlaps nothing: it is there so that the chaining logic runs in the CPU tests).

@@ -35,9 +35,6 @@ struct EngineConfig {
   int num_threads = 0;   // 0: the default (all cores)
   int quant_policy = 0;  // KV quantization: 0 only, for now
   bool cuda_graphs = true;  // GPU: replay decode steps as CUDA graphs (env TURBO_CUDA_GRAPHS=0 turns them off)
-  // GPU: decode steps of at least this many rows run as two nano-batches, one's attention beside the other's
-  // GEMMs (LlamaModel::set_nano_batch_rows; 0: never; env TURBO_NANO_BATCH overrides).
-  int nano_batch_rows = 0;
 };
 
 struct EngineStats {

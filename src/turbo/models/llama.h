@@ -56,10 +56,6 @@ class LlamaModel {
   // Runs the batch, writes its KV into `kv`, returns logits [n, vocab] of batch.sample_rows.
   at::Tensor forward(const ForwardBatch& batch, KVCache& kv) const;
   const ModelConfig& config() const { return cfg_; }
-  // Decode-only batches of at least `rows` rows (0: never) run as two nano-batches, each one's attention beside
-  // the other's GEMMs: on a GPU, on a second stream (see forward_nano_batches). Set before graphs are captured.
-  void set_nano_batch_rows(int64_t rows) { nano_batch_rows_ = rows; }
-  int64_t nano_batch_rows() const { return nano_batch_rows_; }
   // Device and dtype of the weights (the KV cache and the step's inputs follow them).
   at::TensorOptions options() const { return embed_.options(); }
 
@@ -68,16 +64,7 @@ class LlamaModel {
     at::Tensor input_norm, post_norm, q_norm, k_norm;
     std::unique_ptr<Linear> qkv, o, gate_up, down;
   };
-  // A layer in two parts around attention. attention_input: QKV of x (already normed), q/k norm, rotary and the
-  // KV write; returns qkv [T, (H + 2 KVH) D], q at its front. layer_output: O projection, add+norm, MLP, and the
-  // next layer's input norm (added to the residual), leaving the last layer's output unnormed.
-  at::Tensor attention_input(size_t i, const at::Tensor& x, const ForwardBatch& b, KVCache& kv) const;
-  at::Tensor layer_output(size_t i, const at::Tensor& attn, at::Tensor& residual) const;
-  // The layers over a decode batch as two nano-batches (x normed for layer 0; residual updated in place).
-  at::Tensor forward_nano_batches(const ForwardBatch& b, KVCache& kv, at::Tensor x, at::Tensor& residual) const;
-
   ModelConfig cfg_;
-  int64_t nano_batch_rows_ = 0;
   at::Tensor embed_, norm_;
   kernels::RopeTables rope_;
   std::unique_ptr<Linear> lm_head_;

@@ -86,8 +86,7 @@ PYBIND11_MODULE(_turbo, m) {
       .def_readwrite("session_len", &EngineConfig::session_len)
       .def_readwrite("num_threads", &EngineConfig::num_threads)
       .def_readwrite("quant_policy", &EngineConfig::quant_policy)
-      .def_readwrite("cuda_graphs", &EngineConfig::cuda_graphs)
-      .def_readwrite("nano_batch_rows", &EngineConfig::nano_batch_rows);
+      .def_readwrite("cuda_graphs", &EngineConfig::cuda_graphs);
 
   py::class_<ModelConfig>(m, "ModelConfig")
       .def(py::init<>())
@@ -160,16 +159,14 @@ PYBIND11_MODULE(_turbo, m) {
   };
   py::class_<ModelRunner>(m, "Model")
       .def(py::init([](const ModelConfig& mcfg, const std::map<std::string, at::Tensor>& w, int num_blocks,
-                       int block_size, int64_t nano_batch_rows) {
+                       int block_size) {
              auto r = std::make_unique<ModelRunner>();
              r->model = std::make_unique<LlamaModel>(mcfg, WeightMap(w.begin(), w.end()));
-             r->model->set_nano_batch_rows(nano_batch_rows);
              r->kv = KVCache(mcfg.num_layers, num_blocks, block_size, mcfg.num_kv_heads, mcfg.head_dim,
                              r->model->options());
              return r;
            }),
-           py::arg("model_config"), py::arg("weights"), py::arg("num_blocks"), py::arg("block_size"),
-           py::arg("nano_batch_rows") = 0)
+           py::arg("model_config"), py::arg("weights"), py::arg("num_blocks"), py::arg("block_size"))
       .def("forward",
            [](ModelRunner& r, at::Tensor token_ids, at::Tensor positions, at::Tensor slot_mapping,
               at::Tensor block_tables, at::Tensor cu_q_lens, at::Tensor kv_lens, at::Tensor sample_rows) {
