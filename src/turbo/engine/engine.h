@@ -122,7 +122,7 @@ class Engine {
 #endif
   bool pipeline_ = false;  // overlap decode steps (GPU with graphs; TURBO_PIPELINE=0 off, =1 on, eager too)
   std::unique_ptr<Launched> pending_;  // a pipelined step whose tokens are not read yet
-  std::unique_ptr<StepProfile> profile_;  // TURBO_PROFILE=1 step timing
+  std::unique_ptr<StepProfile> profile_;  // TURBO_PROFILE step timing
   std::unordered_map<std::string, std::unique_ptr<Sequence>> live_;
   int64_t arrivals_ = 0;
   EngineStats counters_;

@@ -30,7 +30,7 @@ void Engine::step() {
   StepProfile& profile = *profile_;
   const auto t0 = std::chrono::steady_clock::now();
   if (pending_ && chain()) {
-    profile.add(t0, true, scheduler_->num_running());
+    profile.add(t0, true, scheduler_->num_running(), scheduler_->num_running());
     return;
   }
   std::vector<Output> outputs;
@@ -44,6 +44,8 @@ void Engine::step() {
     emit(outputs);
     return;
   }
+  long num_tokens = 0;
+  for (int n : batch.num_new_tokens) num_tokens += n;
   Launched launched{std::move(batch), {}, {}};
   std::vector<int32_t> tokens;
   std::vector<TokenLogprob> logprobs;
@@ -55,7 +57,7 @@ void Engine::step() {
       launched.tokens = kernels::argmax_async(logits);
       pending_ = std::make_unique<Launched>(std::move(launched));
       emit(outputs);
-      profile.add(t0, false, pending_->batch.seqs.size());
+      profile.add(t0, false, pending_->batch.seqs.size(), num_tokens);
       return;
     }
     std::vector<kernels::SampleRow> rows;
@@ -72,7 +74,7 @@ void Engine::step() {
   }
   finish(launched, tokens, logprobs, outputs);
   emit(outputs);
-  profile.add(t0, false, launched.batch.seqs.size());
+  profile.add(t0, false, launched.batch.seqs.size(), num_tokens);
 }
 
 // Pipelined decode. Step N (pending_) is on the GPU, its greedy tokens on their way. When step N+1 is certain to
