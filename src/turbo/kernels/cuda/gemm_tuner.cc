@@ -18,6 +18,7 @@
 #include <cublasLt.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <limits>
 #include <map>
@@ -28,7 +29,7 @@
 namespace turbo::cuda {
 namespace {
 
-constexpr int kMaxCandidates = 12;                  // cuBLASLt heuristic results timed per shape
+constexpr int kMaxCandidates = 16;                  // cuBLASLt heuristic results timed per shape
 constexpr int64_t kRotateBytes = int64_t{256} << 20;  // weights per timed pass: well past L2 (50-60 MB)
 constexpr int kTimedPasses = 3;
 // Larger inputs (prefill steps) take the default path: cuBLAS runs them near its peak rate, and timing them
@@ -131,6 +132,8 @@ bool capturing() {
 
 class LtGemmTuner final : public kernels::GemmTuner {
  public:
+  explicit LtGemmTuner(bool verbose = false) : verbose_(verbose) {}
+
   void add_weight(const at::Tensor& w) override {
     std::lock_guard<std::mutex> lock(mu_);
     weights_[shape_of(w)].push_back(w);
@@ -205,22 +208,32 @@ class LtGemmTuner final : public kernels::GemmTuner {
     const at::Tensor ref = kernels::linear(x, w, {}).to(at::kFloat);
     const double tol = 1e-2 * (ref.abs().max().item<double>() + 1e-6);
     Choice best;
-    double best_ms = time_pass([&](const at::Tensor& t) { return kernels::linear(x, t, {}).defined(); }, weights);
+    const double default_ms =
+        time_pass([&](const at::Tensor& t) { return kernels::linear(x, t, {}).defined(); }, weights);
+    double best_ms = default_ms;
+    int best_index = -1, index = -1;
     const LtProblem problem(M, N, K, x.scalar_type());
     for (const cublasLtMatmulAlgo_t& algo : problem.candidates(kMaxCandidates)) {
+      ++index;
       if (problem.run(algo, y, x, w) != CUBLAS_STATUS_SUCCESS) continue;
       if ((y.to(at::kFloat) - ref).abs().max().item<double>() > tol) continue;
       const double ms = time_pass(
           [&](const at::Tensor& t) { return problem.run(algo, y, x, t) == CUBLAS_STATUS_SUCCESS; }, weights);
       if (ms < best_ms) {
         best_ms = ms;
+        best_index = index;
         best.lt = true;
         best.algo = algo;
       }
     }
+    if (verbose_)
+      std::fprintf(stderr, "[turbo] GEMM %lld x %lld x %lld over %zu weights: default %.1f us, picked %d: %.1f us\n",
+                   static_cast<long long>(M), static_cast<long long>(N), static_cast<long long>(K), weights.size(),
+                   1e3 * default_ms / weights.size(), best_index, 1e3 * best_ms / weights.size());
     return best;
   }
 
+  bool verbose_;  // TURBO_GEMM_TUNE=2: one line per tuned shape on stderr
   mutable std::mutex mu_;
   std::map<Shape, std::vector<at::Tensor>> weights_;
   std::map<Key, Choice> choices_;
@@ -233,7 +246,10 @@ bool gemm_tuning_on() {
   return env != nullptr && std::atoi(env) != 0;
 }
 
-std::unique_ptr<kernels::GemmTuner> make_gemm_tuner() { return std::make_unique<LtGemmTuner>(); }
+std::unique_ptr<kernels::GemmTuner> make_gemm_tuner() {
+  const char* env = std::getenv("TURBO_GEMM_TUNE");
+  return std::make_unique<LtGemmTuner>(env != nullptr && std::atoi(env) >= 2);
+}
 
 at::Tensor run_gemm_candidate(const at::Tensor& x, const at::Tensor& w, int index) {
   TORCH_CHECK(supported(x, w, {}), "run_gemm_candidate: unsupported shapes");
