@@ -11,7 +11,6 @@
 #include "turbo/kernels/cpu/cpu_kernels.h"
 #ifdef TURBO_WITH_CUDA
 #include "turbo/kernels/cuda/cuda_kernels.h"
-#include "turbo/kernels/cuda/gemm_tuner.h"
 #include "turbo/kernels/cuda/sample_rows.h"
 #endif
 
@@ -193,13 +192,6 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bi
   }
 #endif
   return bias.defined() ? at::addmm(bias, x, w.t()) : at::mm(x, w.t());
-}
-
-std::unique_ptr<GemmTuner> make_gemm_tuner(const at::Tensor& like) {
-#ifdef TURBO_WITH_CUDA
-  if (like.is_cuda() && turbo::cuda::gemm_tuning_on()) return turbo::cuda::make_gemm_tuner();
-#endif
-  return nullptr;
 }
 
 void sample(const at::Tensor& logits, const std::vector<SampleRow>& rows, std::vector<int32_t>& tokens,

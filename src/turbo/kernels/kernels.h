@@ -46,18 +46,6 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_c
 // TURBO_GEMV_ROWS, 0..8, moves the limit) go to turbo's GEMV kernel, the rest to cuBLAS; on CPU at::mm.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias);
 
-// linear() with the GEMM algorithm picked by timing, once per weight shape and row bucket (cuBLASLt's heuristic
-// candidates against the default path; CUDA builds, env TURBO_GEMM_TUNE=1). A model registers its weights (timing
-// rotates over those of one shape, as a forward does) and owns the tuner; make_gemm_tuner() is null where tuning
-// is off or `like` is not a CUDA tensor.
-class GemmTuner {
- public:
-  virtual ~GemmTuner() = default;
-  virtual void add_weight(const at::Tensor& w) = 0;
-  virtual at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias) = 0;
-};
-std::unique_ptr<GemmTuner> make_gemm_tuner(const at::Tensor& like);
-
 // Sampling: one token per row of logits [n, V] (any float dtype; CPU or CUDA). Tokens and logprobs come back
 // to the host: on CUDA one small device->host copy per call.
 struct SampleRow {

@@ -34,27 +34,21 @@ kernels::RopeTables rope_tables(const WeightMap& w, const at::Tensor& embed, int
   return r;
 }
 
-// A dense layer on a GPU: kernels::linear (turbo's GEMV for decode-sized inputs, cuBLAS otherwise), through the
-// model's GEMM tuner where it has one.
+// A dense layer on a GPU: kernels::linear (turbo's GEMV for decode-sized inputs, cuBLAS otherwise).
 class GpuLinear final : public Linear {
  public:
-  GpuLinear(at::Tensor w, at::Tensor b, kernels::GemmTuner* tuner) : w_(std::move(w)), b_(std::move(b)), tuner_(tuner) {
-    if (tuner_) tuner_->add_weight(w_);
-  }
-  at::Tensor forward(const at::Tensor& x) const override {
-    return tuner_ ? tuner_->linear(x, w_, b_) : kernels::linear(x, w_, b_);
-  }
+  GpuLinear(at::Tensor w, at::Tensor b) : w_(std::move(w)), b_(std::move(b)) {}
+  at::Tensor forward(const at::Tensor& x) const override { return kernels::linear(x, w_, b_); }
   int64_t out_features() const override { return w_.size(0); }
 
  private:
   at::Tensor w_;  // [out, in]
   at::Tensor b_;  // [out] or undefined
-  kernels::GemmTuner* tuner_;  // the model's, or null
 };
 
-std::unique_ptr<Linear> dense(at::Tensor w, kernels::GemmTuner* tuner, at::Tensor b = {}) {
+std::unique_ptr<Linear> dense(at::Tensor w, at::Tensor b = {}) {
   if (w.device().is_cpu()) return std::make_unique<DenseLinear>(std::move(w), std::move(b));
-  return std::make_unique<GpuLinear>(std::move(w), std::move(b), tuner);
+  return std::make_unique<GpuLinear>(std::move(w), std::move(b));
 }
 
 // Attention of one layer. On a GPU, a mixed batch's leading decode rows go to the split-K decode kernel and the
@@ -83,8 +77,7 @@ LlamaModel::LlamaModel(const ModelConfig& cfg, const WeightMap& w) : cfg_(cfg) {
   TORCH_CHECK(e.device().is_cpu() ? e.scalar_type() == at::kFloat : at::isFloatingType(e.scalar_type()),
               "turbo: weights on CPU must be float32 (got ", e.scalar_type(), ")");
   norm_ = get(w, "norm", e);
-  tuner_ = kernels::make_gemm_tuner(e);
-  lm_head_ = dense(get(w, "lm_head", e), tuner_.get());
+  lm_head_ = dense(get(w, "lm_head", e));
   rope_ = rope_tables(w, e, cfg.head_dim);
   const int64_t qkv_out = static_cast<int64_t>(cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim;
   for (int i = 0; i < cfg.num_layers; ++i) {
@@ -94,14 +87,14 @@ LlamaModel::LlamaModel(const ModelConfig& cfg, const WeightMap& w) : cfg_(cfg) {
     l.post_norm = get(w, p + "post_norm", e);
     at::Tensor qkv = get(w, p + "qkv", e);
     TORCH_CHECK(qkv.size(0) == qkv_out && qkv.size(1) == cfg.hidden_size, "turbo: ", p, "qkv has a wrong shape");
-    l.qkv = dense(qkv, tuner_.get(), cfg.qkv_bias ? get(w, p + "qkv_bias", e) : at::Tensor());
+    l.qkv = dense(qkv, cfg.qkv_bias ? get(w, p + "qkv_bias", e) : at::Tensor());
     if (cfg.qk_norm) {
       l.q_norm = get(w, p + "q_norm", e);
       l.k_norm = get(w, p + "k_norm", e);
     }
-    l.o = dense(get(w, p + "o", e), tuner_.get());
-    l.gate_up = dense(get(w, p + "gate_up", e), tuner_.get());
-    l.down = dense(get(w, p + "down", e), tuner_.get());
+    l.o = dense(get(w, p + "o", e));
+    l.gate_up = dense(get(w, p + "gate_up", e));
+    l.down = dense(get(w, p + "down", e));
     layers_.push_back(std::move(l));
   }
 }

@@ -67,7 +67,6 @@ class LlamaModel {
   ModelConfig cfg_;
   at::Tensor embed_, norm_;
   kernels::RopeTables rope_;
-  std::unique_ptr<kernels::GemmTuner> tuner_;  // null unless TURBO_GEMM_TUNE=1 on a GPU; outlives the layers
   std::unique_ptr<Linear> lm_head_;
   std::vector<Layer> layers_;
 };

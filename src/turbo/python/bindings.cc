@@ -11,7 +11,6 @@
 #include "turbo/kv/block_manager.h"
 #ifdef TURBO_WITH_CUDA
 #include "turbo/engine/decode_graphs.h"
-#include "turbo/kernels/cuda/gemm_tuner.h"
 #endif
 
 namespace py = pybind11;
@@ -276,20 +275,4 @@ PYBIND11_MODULE(_turbo, m) {
           for (size_t i = 0; i < n; ++i) out_lp.append(ps[i].logprobs >= 0 ? logprob_to_py(lps[i]) : py::none());
           return py::make_tuple(tokens, out_lp);
         });
-#ifdef TURBO_WITH_CUDA
-  m.def("time_gemm_candidates", &turbo::cuda::time_gemm_candidates, py::arg("x"), py::arg("weights"),
-        py::arg("max_candidates") = 12, py::call_guard<py::gil_scoped_release>(),
-        "ms of one pass of x @ w.T over `weights`: the default path, then each cuBLASLt heuristic candidate.");
-  m.def("run_gemm_candidate", &turbo::cuda::run_gemm_candidate, py::arg("x"), py::arg("w"), py::arg("index"),
-        "x @ w.T from cuBLASLt's heuristic candidate `index` (tests).");
-  m.def(
-      "tuned_linear",
-      [](const at::Tensor& x, const std::vector<at::Tensor>& weights, int64_t index) {
-        auto tuner = turbo::cuda::make_gemm_tuner();
-        for (const at::Tensor& w : weights) tuner->add_weight(w);
-        return tuner->linear(x, weights.at(index), {});
-      },
-      py::arg("x"), py::arg("weights"), py::arg("index") = 0,
-      "x @ weights[index].T through a fresh GEMM tuner (tests): tunes the shape, then runs the pick.");
-#endif
 }
