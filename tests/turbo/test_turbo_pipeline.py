@@ -118,3 +118,18 @@ def test_abort_and_a_sampled_request(tiny, monkeypatch):
     aborted = run(tiny, monkeypatch, "1", reqs, abort="r1")[0]
     assert aborted.pop("r1")[1] is FinishReason.ABORT
     assert aborted == {k: v for k, v in ref.items() if k != "r1"}
+
+
+def test_step_profile_lines_add_up(tiny, monkeypatch, capfd):
+    """TURBO_PROFILE=steps: one stderr line per step, numbered from 0, whose tokens add up to the work done (every
+    prompt token once, every generated token but the last fed back once), chained steps included."""
+    monkeypatch.setenv("TURBO_PROFILE", "steps")
+    lens, outs = (5, 19, 40, 33), (6, 11, 3, 20)
+    reqs = [(p, greedy(n)) for p, n in zip(prompts(lens), outs)]
+    got, stats, _ = run(tiny, monkeypatch, "1", reqs)
+    assert all(len(got[f"r{i}"][0]) == n for i, n in enumerate(outs))
+    lines = [ln.split() for ln in capfd.readouterr().err.splitlines() if ln.startswith("[turbo] step ")]
+    assert [int(w[2]) for w in lines] == list(range(len(lines))) and len(lines) == stats.num_steps
+    assert sum(int(w[6]) for w in lines) == sum(lens) + sum(n - 1 for n in outs)
+    assert any(w[7] == "chained" for w in lines) and all(w[7] in ("chained", "launched") for w in lines)
+    assert all(float(w[8]) >= 0 for w in lines)
