@@ -81,7 +81,7 @@ class Engine {
   void loop();
   bool admit(bool block);  // apply queued commands; false once stop is requested
   void step();
-  bool chain();                                 // pipelined decode: launch the next step, then finish pending_
+  size_t chain();  // pipelined decode: launch the next step (its rows; 0: not chained), then finish pending_
   void complete(std::vector<Output>& outputs);  // wait for pending_'s tokens and finish it
   bool can_pipeline(const Launched& launched, const ForwardBatch& host_batch) const;
   void finish(Launched& launched, const std::vector<int32_t>& tokens, std::vector<TokenLogprob>& logprobs,

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <numeric>
 
 #include "turbo/engine/batch_builder.h"
 #include "turbo/engine/engine.h"
@@ -29,9 +30,11 @@ bool is_stop(const Sequence& seq, int32_t token) {
 void Engine::step() {
   StepProfile& profile = *profile_;
   const auto t0 = std::chrono::steady_clock::now();
-  if (pending_ && chain()) {
-    profile.add(t0, true, scheduler_->num_running(), scheduler_->num_running());
-    return;
+  if (pending_) {
+    if (const size_t rows = chain()) {
+      profile.add(t0, true, rows, static_cast<long>(rows));
+      return;
+    }
   }
   std::vector<Output> outputs;
   if (pending_) complete(outputs);
@@ -44,8 +47,8 @@ void Engine::step() {
     emit(outputs);
     return;
   }
-  long num_tokens = 0;
-  for (int n : batch.num_new_tokens) num_tokens += n;
+  const long num_tokens =
+      profile.on ? std::accumulate(batch.num_new_tokens.begin(), batch.num_new_tokens.end(), 0L) : 0;
   Launched launched{std::move(batch), {}, {}};
   std::vector<int32_t> tokens;
   std::vector<TokenLogprob> logprobs;
@@ -84,10 +87,10 @@ void Engine::step() {
 // N+1 overlaps the GPU's for N. The sequences at their limit leave the scheduler before N+1 is planned (N, ahead
 // of N+1 on the stream, is done with their blocks before anyone reuses them) and end once N's tokens are read. A
 // sequence that N ends with a stop token is also in N+1: N+1 is then finished at once and that row of it dropped.
-bool Engine::chain() {
+size_t Engine::chain() {
   Launched& n = *pending_;
   const size_t S = n.batch.seqs.size();
-  if (scheduler_->num_running() != S || static_cast<int>(S) > config_.max_num_batched_tokens) return false;
+  if (scheduler_->num_running() != S || static_cast<int>(S) > config_.max_num_batched_tokens) return 0;
   std::vector<Sequence*> ending, going;  // N's token is the last / not the last of these
   std::vector<int64_t> going_rows;       // their rows in N (every row of a pipelined step samples)
   int new_blocks = 0;
@@ -101,9 +104,9 @@ bool Engine::chain() {
       new_blocks += seq->size() % config_.block_size == 0;  // N+1 writes position size(): a new block
     }
   }
-  if (going.empty() || new_blocks > bm_->num_blocks_free()) return false;
+  if (going.empty() || new_blocks > bm_->num_blocks_free()) return 0;
   // With room in the batch, a waiting request is admitted (prefilled) rather than chained past.
-  if (scheduler_->num_waiting() > 0 && static_cast<int>(going.size()) < config_.max_num_seqs) return false;
+  if (scheduler_->num_waiting() > 0 && static_cast<int>(going.size()) < config_.max_num_seqs) return 0;
 
   std::vector<Output> outputs;
   ++counters_.num_steps;
@@ -151,7 +154,7 @@ bool Engine::chain() {
     for (Sequence* seq : stopped) end(seq, FinishReason::kStop, outputs);
   }
   emit(outputs);
-  return true;
+  return going.size();
 }
 
 void Engine::complete(std::vector<Output>& outputs) {
