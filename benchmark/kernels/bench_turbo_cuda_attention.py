@@ -31,6 +31,13 @@ def main() -> None:
     ap.add_argument("--splits", type=int, nargs="+", default=[0], help="split counts to time (0 = heuristic)")
     ap.add_argument("--no-triton", action="store_true")
     ap.add_argument("--prefill", type=int, nargs="*", default=None, help="also time prefill of these prompt lengths")
+    ap.add_argument("--prefill-seqs", type=int, default=4, help="prompts per --prefill call")
+    ap.add_argument(
+        "--prefill-mix",
+        default=None,
+        help="also time one chunked-prefill step of ShareGPT prompts: a bench_data.py file, packed into --mix-tokens",
+    )
+    ap.add_argument("--mix-tokens", type=int, default=8192)
     ap.add_argument("--prefill-only", action="store_true")
     ap.add_argument("--max-gib", type=float, default=60.0, help="skip shapes whose KV exceeds this")
     args = ap.parse_args()
@@ -42,7 +49,10 @@ def main() -> None:
         f"D={args.head_dim} block={args.block_size} bf16"
     )
     for n in args.prefill or []:
-        bench_prefill(ops, args, n)
+        bench_prefill(ops, args, [n] * args.prefill_seqs)
+    if args.prefill_mix:
+        for lens in sharegpt_steps(args.prefill_mix, args.mix_tokens):
+            bench_prefill(ops, args, lens)
     if args.prefill_only:
         return
     print(f"{'batch':>6} {'context':>8} {'splits':>6} {'turbo us':>10} {'GB/s':>8} {'triton us':>10} {'GB/s':>8}")
@@ -61,35 +71,74 @@ def main() -> None:
             torch.cuda.empty_cache()
 
 
-def bench_prefill(ops, args, seq_len: int, num_seqs: int = 4) -> None:
-    """Full-prompt prefill (no cached prefix) of num_seqs prompts: achieved TFLOP/s (causal: half the square)."""
+def sharegpt_steps(path: str, tokens: int, steps: int = 3) -> list[list[int]]:
+    """The first `steps` chunked-prefill steps of a ShareGPT run: prompts in order, cut at `tokens` per step."""
+    import json
+
+    lens = [len(r["prompt_ids"]) for r in json.loads(Path(path).read_text())]
+    out, cur = [], []
+    for n in lens:
+        while n > 0 and len(out) < steps:
+            take = min(n, tokens - sum(cur))
+            cur.append(take)
+            n -= take
+            if sum(cur) == tokens:
+                out.append(cur)
+                cur = []
+    return out
+
+
+def bench_prefill(ops, args, seq_lens: list[int]) -> None:
+    """Whole prompts (no cached prefix), one call: achieved TFLOP/s (causal: half the square), against Triton's
+    paged kernel and ATen's flash attention (varlen, contiguous K/V: no pages) on the same prompts."""
     dtype = torch.bfloat16
     hq, hk, d, bs = args.heads, args.kv_heads, args.head_dim, args.block_size
-    blocks_per_seq = triton.cdiv(seq_len, bs)
-    k_cache = torch.randn(num_seqs * blocks_per_seq, bs, hk, d, device="cuda", dtype=dtype)
+    num_seqs = len(seq_lens)
+    blocks = [triton.cdiv(n, bs) for n in seq_lens]
+    width = max(blocks)
+    k_cache = torch.randn(sum(blocks), bs, hk, d, device="cuda", dtype=dtype)
     v_cache = torch.randn_like(k_cache)
-    tables = torch.randperm(num_seqs * blocks_per_seq, device="cuda", dtype=torch.int32).view(num_seqs, -1)
-    lens = torch.full((num_seqs,), seq_len, dtype=torch.int32, device="cuda")
-    cu = torch.arange(0, num_seqs + 1, dtype=torch.int32, device="cuda") * seq_len
-    q = torch.randn(num_seqs * seq_len, hq, d, device="cuda", dtype=dtype)
+    perm = torch.randperm(sum(blocks), dtype=torch.int32)
+    tables = torch.zeros(num_seqs, width, dtype=torch.int32)
+    at = 0
+    for i, nb in enumerate(blocks):
+        tables[i, :nb] = perm[at : at + nb]
+        at += nb
+    tables = tables.cuda()
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
+    cu = torch.tensor([0] + seq_lens, dtype=torch.int32).cumsum(0).to(torch.int32).cuda()
+    total, max_len = sum(seq_lens), max(seq_lens)
+    q = torch.randn(total, hq, d, device="cuda", dtype=dtype)
+    k = torch.randn(total, hk, d, device="cuda", dtype=dtype)
+    v = torch.randn_like(k)
     out = torch.empty_like(q)
     scale = d**-0.5
-    flops = 4 * num_seqs * hq * d * seq_len * seq_len / 2
+    flops = sum(4 * hq * d * n * n / 2 for n in seq_lens)
 
     def turbo():
-        ops.paged_attention_prefill(out, q, k_cache, v_cache, tables, cu, lens, seq_len, scale, 0)
+        ops.paged_attention_prefill(out, q, k_cache, v_cache, tables, cu, lens, max_len, scale, 0)
 
     t_ms = triton.testing.do_bench(turbo, warmup=20, rep=200, return_mode="median")
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from lmkit.pytorch_engine.kernels.triton.paged_attention import paged_prefill_attention
 
     def tri():
-        paged_prefill_attention(q, k_cache, v_cache, tables, cu, lens, seq_len, scale, out=out)
+        paged_prefill_attention(q, k_cache, v_cache, tables, cu, lens, max_len, scale, out=out)
 
     tri_ms = triton.testing.do_bench(tri, warmup=20, rep=200, return_mode="median")
+    cu64 = cu.to(torch.int32)
+
+    def flash():
+        torch.ops.aten._flash_attention_forward(q, k, v, cu64, cu64, max_len, max_len, 0.0, True, False, scale=scale)
+
+    try:
+        fl = f"{flops / triton.testing.do_bench(flash, warmup=20, rep=200, return_mode='median') / 1e9:.0f}"
+    except Exception as e:  # not every build has the flash kernels
+        fl = f"n/a ({type(e).__name__})"
+    shape = f"{num_seqs} x {seq_lens[0]}" if len(set(seq_lens)) == 1 else f"{num_seqs} prompts, {total} tokens"
     print(
-        f"prefill {num_seqs} x {seq_len}: turbo {t_ms * 1e3:.0f} us = {flops / t_ms / 1e9:.0f} TFLOP/s, "
-        f"triton {tri_ms * 1e3:.0f} us = {flops / tri_ms / 1e9:.0f} TFLOP/s",
+        f"prefill {shape} (max {max_len}): turbo {t_ms * 1e3:.0f} us = {flops / t_ms / 1e9:.0f} TFLOP/s, "
+        f"triton {tri_ms * 1e3:.0f} us = {flops / tri_ms / 1e9:.0f}, aten flash {fl} TFLOP/s",
         flush=True,
     )
 

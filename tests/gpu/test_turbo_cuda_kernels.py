@@ -251,6 +251,17 @@ def test_prefill_long(ops, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prefill_ragged_step(ops, dtype):
+    """A chunked-prefill step as ShareGPT makes them: many short prompts, a long one, a continued chunk; the work
+    list orders their tiles by key range and must cover every row exactly once."""
+    g = torch.Generator().manual_seed(7)
+    seqs = [(0, int(n)) for n in torch.randint(1, 200, (45,), generator=g)]
+    seqs[10] = (0, 1300)
+    seqs.append((2000, 700))
+    _run_prefill(ops, seqs, 32, 8, 128, 64, dtype, seed=6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_prefill_window(ops, dtype):
     _run_prefill(ops, [(0, 300), (500, 200), (10, 7)], 8, 4, 64, 32, dtype, window=96, seed=5)
 

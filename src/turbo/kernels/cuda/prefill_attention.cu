@@ -3,7 +3,9 @@
 // rows each, K/V tiles of 64 tokens gathered from the pages into shared memory (cp.async, double-buffered).
 // fp16/bf16: S = Q K^T and O += P V on tensor cores (WMMA 16x16x16, fp32 accumulation) with S, P and O in
 // registers; fp32: the shared-memory kernel of prefill_attention_smem.cuh on CUDA cores (exact fp32 products).
-// Online softmax in the log2 domain, fp32 statistics.
+// Online softmax in the log2 domain, fp32 statistics. A one-CTA planning kernel first lists the launch's (sequence,
+// query tile) items, longest key range first, so the grid has no empty tiles of short prompts and the long tiles
+// start first.
 #include "turbo/kernels/cuda/cuda_kernels.h"
 #include "turbo/kernels/cuda/prefill_attention_smem.cuh"
 
@@ -18,12 +20,17 @@ using namespace prefill_detail;
 // row-major matrix_a fragment both sit at row g + 8 * ((i >> 1) & 1), column 2 * t + (i & 1) + 8 * (i >> 2)
 // (g = lane / 4, t = lane % 4), so S's accumulator becomes P's A operand element for element, and O's rows can
 // be rescaled in registers. The tests check this against the reference on every shape.
+//
+// Shared memory: STAGES K tiles, then STAGES V tiles. With two stages the Q tile goes into the second K buffer (the
+// first prefetch overwrites it, after the warps hold Q in registers), which keeps a CTA at 70 KB: three fit an SM.
+// The output tile is staged in the first K buffer for coalesced 16-byte stores.
 template <typename T, int HEAD_DIM>
 struct PrefillMmaSmem {
     static constexpr int LDK = HEAD_DIM + 8;
     static constexpr int STAGES = TURBO_PREFILL_PIPELINE ? 2 : 1;  // K/V tile buffers (cp.async double buffering)
+    static_assert(kBlockM == kBlockN, "the Q and output tiles reuse K buffers");
     static constexpr size_t tile = sizeof(T) * kBlockN * LDK;
-    static constexpr size_t bytes = sizeof(T) * kBlockM * LDK + 2 * STAGES * tile;
+    static constexpr size_t bytes = 2 * STAGES * tile + (STAGES == 2 ? 0 : tile);
 };
 
 // Issues the asynchronous gather of one K and one V tile (16-bit types: 8 elements per copy).
@@ -47,28 +54,31 @@ __device__ __forceinline__ void issue_kv_tile(T* ks, T* vs, const T* __restrict_
     }
 }
 
+#ifndef TURBO_PREFILL_MIN_CTAS
+#define TURBO_PREFILL_MIN_CTAS 1  // CTAs per SM the register budget is built for (smem allows 3 with two stages)
+#endif
+
 template <typename T, int HEAD_DIM>
-__global__ void __launch_bounds__(kPrefillWarps * 32)
+__global__ void __launch_bounds__(kPrefillWarps * 32, TURBO_PREFILL_MIN_CTAS)
     paged_prefill_mma_kernel(T* __restrict__ out, int64_t out_stride_t, int64_t out_stride_h,
                              const T* __restrict__ q, int64_t q_stride_t, int64_t q_stride_h,
                              const T* __restrict__ k_cache, const T* __restrict__ v_cache,
-                             const int* __restrict__ block_tables, int64_t bt_stride,
+                             const int* __restrict__ block_tables, int64_t bt_stride, const int2* __restrict__ items,
                              const int* __restrict__ cu_seqlens_q, const int* __restrict__ context_lens,
                              int num_kv_heads, int group, int block_size, int window, float scale) {
     using namespace nvcuda;
     using L = PrefillMmaSmem<T, HEAD_DIM>;
     constexpr int LDK = L::LDK;
     extern __shared__ __align__(128) unsigned char smem[];
-    T* Qs = reinterpret_cast<T*>(smem);
-    T* Kbuf = Qs + kBlockM * LDK;                  // STAGES K tiles, then STAGES V tiles
+    T* Kbuf = reinterpret_cast<T*>(smem);  // STAGES K tiles, then STAGES V tiles
     T* Vbuf = Kbuf + L::STAGES * kBlockN * LDK;
+    T* Qs = L::STAGES == 2 ? Kbuf + kBlockN * LDK : Vbuf + kBlockN * LDK;
 
-    // Last query tiles (the most keys under the causal mask) first, so the long CTAs do not form the tail.
-    const int h = blockIdx.x, tile = gridDim.y - 1 - blockIdx.y, b = blockIdx.z;
+    const int2 item = items[blockIdx.y];
+    if (item.x < 0) return;
+    const int h = blockIdx.x, b = item.x, m0 = item.y;
     const int q_start = cu_seqlens_q[b];
     const int q_len = cu_seqlens_q[b + 1] - q_start;
-    const int m0 = tile * kBlockM;
-    if (m0 >= q_len) return;
     const int ctx = context_lens[b];
     const int q_pos0 = ctx - q_len;
     const int kvh = h / group;
@@ -111,6 +121,7 @@ __global__ void __launch_bounds__(kPrefillWarps * 32)
     wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qa[HEAD_DIM / 16];
 #pragma unroll
     for (int kk = 0; kk < HEAD_DIM / 16; ++kk) wmma::load_matrix_sync(qa[kk], Qs + warp * 16 * LDK + kk * 16, LDK);
+    if constexpr (L::STAGES == 2) __syncthreads();  // Q is in registers: the first prefetch may overwrite it
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> o[HEAD_DIM / 16];
 #pragma unroll
     for (int n = 0; n < HEAD_DIM / 16; ++n) wmma::fill_fragment(o[n], 0.f);
@@ -211,18 +222,89 @@ __global__ void __launch_bounds__(kPrefillWarps * 32)
         l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 1);
         l_r[r] += __shfl_xor_sync(0xffffffffu, l_r[r], 2);
     }
+    // O / l through shared memory (the first K buffer, free once every warp is past the last tile), then out in
+    // 16-byte row pieces.
+    __syncthreads();
+    T* Os = Kbuf;
 #pragma unroll
     for (int n = 0; n < HEAD_DIM / 16; ++n) {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
+        for (int i = 0; i < 8; i += 2) {
             const int hi = (i >> 1) & 1;
-            const int row = row0 + 8 * hi;
-            if (row >= q_len) continue;
-            const int col = n * 16 + 2 * t4 + (i & 1) + 8 * (i >> 2);
-            out[(q_start + row) * out_stride_t + h * out_stride_h + col] =
-                from_float<T>(l_r[hi] > 0.f ? o[n].x[i] / l_r[hi] : 0.f);
+            const float inv = l_r[hi] > 0.f ? 1.f / l_r[hi] : 0.f;
+            const int col = n * 16 + 2 * t4 + 8 * (i >> 2);
+            T* dst = Os + (warp * 16 + g + 8 * hi) * LDK + col;
+            dst[0] = from_float<T>(o[n].x[i] * inv);
+            dst[1] = from_float<T>(o[n].x[i + 1] * inv);
         }
     }
+    __syncthreads();
+    T* out_tile = out + (q_start + m0) * out_stride_t + h * out_stride_h;
+    const bool out_vec = reinterpret_cast<uintptr_t>(out) % 16 == 0 && out_stride_t % 8 == 0 && out_stride_h % 8 == 0;
+    for (int idx = threadIdx.x; idx < kBlockM * (HEAD_DIM / 8); idx += blockDim.x) {
+        const int r = idx / (HEAD_DIM / 8), c = (idx - r * (HEAD_DIM / 8)) * 8;
+        if (m0 + r >= q_len) continue;
+        if (out_vec) {
+            *reinterpret_cast<uint4*>(out_tile + r * out_stride_t + c) = *reinterpret_cast<const uint4*>(Os + r * LDK + c);
+            continue;
+        }
+#pragma unroll
+        for (int e = 0; e < 8; ++e) out_tile[r * out_stride_t + c + e] = Os[r * LDK + c + e];
+    }
+}
+
+// Lists a launch's (sequence, query tile) items, most key tiles first (a counting sort by key-tile count, one CTA
+// of kPlanThreads), and marks the rest of the grid's entries (-1, 0). See kPlanThreads in prefill_attention_smem.cuh.
+__device__ __forceinline__ int plan_bin(int ctx, int q_len, int m0, int window) {
+    const KeySpan span = prefill_key_span(ctx, q_len, m0, window);
+    const int key_tiles = (span.end - span.begin + kBlockN - 1) / kBlockN;
+    return kPlanBins - 1 - min(max(key_tiles, 0), kPlanBins - 1);
+}
+
+__global__ void __launch_bounds__(kPlanThreads)
+    prefill_plan_kernel(int2* __restrict__ items, int capacity, const int* __restrict__ cu_seqlens_q,
+                        const int* __restrict__ context_lens, int num_seqs, int window) {
+    __shared__ int bins[kPlanBins];
+    __shared__ int warp_sums[kPlanThreads / 32];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    bins[tid] = 0;
+    __syncthreads();
+    for (int b = tid; b < num_seqs; b += kPlanThreads) {
+        const int q_len = cu_seqlens_q[b + 1] - cu_seqlens_q[b], ctx = context_lens[b];
+        for (int m0 = 0; m0 < q_len; m0 += kBlockM) atomicAdd(&bins[plan_bin(ctx, q_len, m0, window)], 1);
+    }
+    __syncthreads();
+    // Exclusive scan of the bins: each bin's first slot.
+    const int count = bins[tid];
+    int incl = count;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+        const int v = __shfl_up_sync(0xffffffffu, incl, d);
+        if (lane >= d) incl += v;
+    }
+    if (lane == 31) warp_sums[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+        int w = warp_sums[lane];
+#pragma unroll
+        for (int d = 1; d < 32; d <<= 1) {
+            const int v = __shfl_up_sync(0xffffffffu, w, d);
+            if (lane >= d) w += v;
+        }
+        warp_sums[lane] = w;  // inclusive over warps
+    }
+    __syncthreads();
+    const int total = warp_sums[kPlanThreads / 32 - 1];
+    bins[tid] = incl - count + (warp > 0 ? warp_sums[warp - 1] : 0);
+    __syncthreads();
+    for (int b = tid; b < num_seqs; b += kPlanThreads) {
+        const int q_len = cu_seqlens_q[b + 1] - cu_seqlens_q[b], ctx = context_lens[b];
+        for (int m0 = 0; m0 < q_len; m0 += kBlockM) {
+            const int pos = atomicAdd(&bins[plan_bin(ctx, q_len, m0, window)], 1);
+            if (pos < capacity) items[pos] = make_int2(b, m0);
+        }
+    }
+    for (int i = total + tid; i < capacity; i += kPlanThreads) items[i] = make_int2(-1, 0);
 }
 
 template <typename T, int HEAD_DIM>
@@ -240,12 +322,21 @@ void launch_prefill(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_ca
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)));
     const int num_heads = static_cast<int>(q.size(1)), num_kv_heads = static_cast<int>(k_cache.size(2));
     const int num_seqs = static_cast<int>(block_tables.size(0));
-    dim3 grid(num_heads, ceil_div(max_query_len, kBlockM), num_seqs);
+    // Sum over sequences of ceil(q_len / 64) <= num_tokens / 64 + num_seqs.
+    const int64_t capacity = q.size(0) / kBlockM + num_seqs;
+    TORCH_CHECK(capacity <= 65535, "paged_attention_prefill: too many query tiles (", capacity, ")");
+    at::Tensor items = at::empty({capacity, 2}, q.options().dtype(at::kInt));
+    auto* item_ptr = reinterpret_cast<int2*>(items.data_ptr<int>());
+    prefill_plan_kernel<<<1, kPlanThreads, 0, current_stream()>>>(item_ptr, static_cast<int>(capacity),
+                                                                  cu_seqlens_q.data_ptr<int>(),
+                                                                  context_lens.data_ptr<int>(), num_seqs, window);
+    TURBO_CHECK_LAUNCH();
+    dim3 grid(num_heads, static_cast<unsigned>(capacity));
     kernel<<<grid, kPrefillWarps * 32, smem_bytes, current_stream()>>>(
         reinterpret_cast<T*>(out.data_ptr()), out.stride(0), out.stride(1),
         reinterpret_cast<const T*>(q.data_ptr()), q.stride(0), q.stride(1),
         reinterpret_cast<const T*>(k_cache.data_ptr()), reinterpret_cast<const T*>(v_cache.data_ptr()),
-        block_tables.data_ptr<int>(), block_tables.stride(0), cu_seqlens_q.data_ptr<int>(),
+        block_tables.data_ptr<int>(), block_tables.stride(0), item_ptr, cu_seqlens_q.data_ptr<int>(),
         context_lens.data_ptr<int>(), num_kv_heads, num_heads / num_kv_heads, static_cast<int>(k_cache.size(1)),
         window, scale);
     TURBO_CHECK_LAUNCH();

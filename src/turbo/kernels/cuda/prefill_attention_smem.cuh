@@ -25,7 +25,21 @@ constexpr float kLog2eP = 1.4426950408889634f;
 #endif
 
 // The keys a 64-query tile of one sequence attends to, [begin, end) with begin on a tile boundary (causal, and the
-// sliding window when window > 0), and where its kv head's rows sit in the paged cache.
+// sliding window when window > 0).
+struct KeySpan {
+    int begin, end;
+};
+
+__device__ __forceinline__ KeySpan prefill_key_span(int ctx, int q_len, int m0, int window) {
+    const int q_pos0 = ctx - q_len;
+    const int last_pos = q_pos0 + min(q_len, m0 + kBlockM) - 1;  // last query position of the tile
+    KeySpan s;
+    s.end = min(ctx, last_pos + 1);
+    s.begin = window > 0 ? max(0, q_pos0 + m0 - window + 1) / kBlockN * kBlockN : 0;
+    return s;
+}
+
+// ... and where its kv head's rows sit in the paged cache.
 struct PrefillKvRange {
     int begin, end;
     const int* table;    // the sequence's block table
@@ -37,17 +51,22 @@ template <int HEAD_DIM>
 __device__ __forceinline__ PrefillKvRange prefill_kv_range(int ctx, int q_len, int m0, int window, int kvh,
                                                            int num_kv_heads, const int* block_tables,
                                                            int64_t bt_stride, int b) {
-    const int q_pos0 = ctx - q_len;
-    const int last_pos = q_pos0 + min(q_len, m0 + kBlockM) - 1;  // last query position of the tile
+    const KeySpan span = prefill_key_span(ctx, q_len, m0, window);
     PrefillKvRange r;
-    r.end = min(ctx, last_pos + 1);
-    r.begin = 0;
-    if (window > 0) r.begin = max(0, q_pos0 + m0 - window + 1) / kBlockN * kBlockN;
+    r.begin = span.begin;
+    r.end = span.end;
     r.table = block_tables + b * bt_stride;
     r.row_stride = static_cast<int64_t>(num_kv_heads) * HEAD_DIM;
     r.head_off = static_cast<int64_t>(kvh) * HEAD_DIM;
     return r;
 }
+
+// A launch's work list (prefill_plan_kernel in prefill_attention.cu): one item per (sequence, 64-query tile), as
+// (sequence, first query row of the tile), the items with the most key tiles first; the grid has an entry per
+// possible item (num_tokens / 64 + num_seqs), and the entries past the real ones are (-1, 0). Without it, a grid of
+// (heads, max tiles, seqs) gave a batch of one long prompt and many short ones mostly empty CTAs.
+constexpr int kPlanThreads = 1024;
+constexpr int kPlanBins = kPlanThreads;  // key-tile counts; larger ones share the first bin
 
 template <typename T, int HEAD_DIM>
 struct PrefillSmem {
@@ -107,8 +126,9 @@ __global__ void __launch_bounds__(kPrefillWarps * 32)
     paged_prefill_kernel(T* __restrict__ out, int64_t out_stride_t, int64_t out_stride_h, const T* __restrict__ q,
                          int64_t q_stride_t, int64_t q_stride_h, const T* __restrict__ k_cache,
                          const T* __restrict__ v_cache, const int* __restrict__ block_tables, int64_t bt_stride,
-                         const int* __restrict__ cu_seqlens_q, const int* __restrict__ context_lens,
-                         int num_kv_heads, int group, int block_size, int window, float scale) {
+                         const int2* __restrict__ items, const int* __restrict__ cu_seqlens_q,
+                         const int* __restrict__ context_lens, int num_kv_heads, int group, int block_size,
+                         int window, float scale) {
     using L = PrefillSmem<T, HEAD_DIM>;
     extern __shared__ __align__(128) unsigned char smem[];
     T* Qs = reinterpret_cast<T*>(smem + L::q_off);
@@ -119,11 +139,11 @@ __global__ void __launch_bounds__(kPrefillWarps * 32)
     float* Os = reinterpret_cast<float*>(smem + L::o_off);
     float* As = reinterpret_cast<float*>(smem + L::a_off);
 
-    const int h = blockIdx.x, tile = blockIdx.y, b = blockIdx.z;
+    const int2 item = items[blockIdx.y];
+    if (item.x < 0) return;
+    const int h = blockIdx.x, b = item.x, m0 = item.y;
     const int q_start = cu_seqlens_q[b];
     const int q_len = cu_seqlens_q[b + 1] - q_start;
-    const int m0 = tile * kBlockM;
-    if (m0 >= q_len) return;
     const int ctx = context_lens[b];
     const int q_pos0 = ctx - q_len;  // position of the chunk's first token
     const int kvh = h / group;
