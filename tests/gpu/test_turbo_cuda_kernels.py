@@ -344,9 +344,12 @@ def _rope_ref(x, pos, cache):
 @pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("head_dim,rot_dim", [(64, 64), (128, 128), (128, 64)])
 @pytest.mark.parametrize("cache_fp32", [True, False])
-def test_rotary(ops, dtype, pos_dtype, head_dim, rot_dim, cache_fp32):
+@pytest.mark.parametrize("aligned", [True, False], ids=["vec16", "scalar"])
+def test_rotary(ops, dtype, pos_dtype, head_dim, rot_dim, cache_fp32, aligned):
     t, hq, hk = 29, 8, 2
-    qkv = torch.randn(t, hq + 2 * hk, head_dim, device="cuda", dtype=dtype)
+    # Head rows one element off 16 bytes take the scalar kernel; aligned ones the 16-byte one.
+    qkv = torch.randn(t, hq + 2 * hk, head_dim + (0 if aligned else 1), device="cuda", dtype=dtype)
+    qkv = qkv if aligned else qkv[..., 1:]
     q, k = qkv[:, :hq], qkv[:, hq : hq + hk]
     pos = torch.randint(0, 4000, (t,), device="cuda").to(pos_dtype)
     cache = _rope_cache(4096, rot_dim)

@@ -1,4 +1,5 @@
-// Neox-style (rotate-half) rotary embedding of q and k in place; fp32 arithmetic, one CTA per token.
+// Neox-style (rotate-half) rotary embedding of q and k in place; fp32 arithmetic, one CTA per token. Where the rows
+// allow it, each thread rotates 16 bytes of both halves (rotary_vec_kernel); the scalar kernel takes the rest.
 #include "turbo/kernels/cuda/common.cuh"
 #include "turbo/kernels/cuda/cuda_kernels.h"
 
@@ -25,14 +26,46 @@ __global__ void rotary_kernel(T* __restrict__ q, int64_t q_stride_t, int64_t q_s
     }
 }
 
+template <typename T, typename C, typename index_t>
+__global__ void rotary_vec_kernel(T* __restrict__ q, int64_t q_stride_t, int64_t q_stride_h, int num_q_heads,
+                                  T* __restrict__ k, int64_t k_stride_t, int64_t k_stride_h, int num_k_heads,
+                                  const index_t* __restrict__ positions, const C* __restrict__ cos_sin, int rot_dim) {
+    constexpr int V = Vec16<T>::VEC;
+    const int t = blockIdx.x;
+    const int half = rot_dim / 2, pieces = half / V;
+    const C* cs = cos_sin + static_cast<int64_t>(positions[t]) * rot_dim;
+    const int total = (num_q_heads + num_k_heads) * pieces;
+    for (int idx = threadIdx.x; idx < total; idx += blockDim.x) {
+        const int h = idx / pieces, i = (idx - h * pieces) * V;
+        T* x = h < num_q_heads ? q + t * q_stride_t + h * q_stride_h
+                               : k + t * k_stride_t + (h - num_q_heads) * k_stride_h;
+        Vec16<T> a, b;
+        a.raw = *reinterpret_cast<const uint4*>(x + i);
+        b.raw = *reinterpret_cast<const uint4*>(x + i + half);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+            const float c = to_float<C>(__ldg(cs + i + e)), s = to_float<C>(__ldg(cs + half + i + e));
+            const float x1 = to_float<T>(a.v[e]), x2 = to_float<T>(b.v[e]);
+            a.v[e] = from_float<T>(x1 * c - x2 * s);
+            b.v[e] = from_float<T>(x2 * c + x1 * s);
+        }
+        *reinterpret_cast<uint4*>(x + i) = a.raw;
+        *reinterpret_cast<uint4*>(x + i + half) = b.raw;
+    }
+}
+
 template <typename T, typename C>
 void launch_rotary(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at::Tensor& cos_sin,
                    int rot_dim) {
     const int tokens = static_cast<int>(q.size(0));
     const int hq = static_cast<int>(q.size(1)), hk = static_cast<int>(k.size(1));
-    const int threads = std::min(512, std::max(64, ((hq + hk) * rot_dim / 2 + 31) / 32 * 32));
+    constexpr int V = Vec16<T>::VEC;
+    const bool vec = (rot_dim / 2) % V == 0 && rows_aligned16(q) && rows_aligned16(k);
+    const int items = (hq + hk) * rot_dim / 2 / (vec ? V : 1);
+    const int threads = std::min(512, std::max(64, (items + 31) / 32 * 32));
     TURBO_DISPATCH_INDEX_TYPES(positions.scalar_type(), "rotary", [&] {
-        rotary_kernel<T, C, index_t><<<tokens, threads, 0, current_stream()>>>(
+        auto kernel = vec ? rotary_vec_kernel<T, C, index_t> : rotary_kernel<T, C, index_t>;
+        kernel<<<tokens, threads, 0, current_stream()>>>(
             reinterpret_cast<T*>(q.data_ptr()), q.stride(0), q.stride(1), hq, reinterpret_cast<T*>(k.data_ptr()),
             k.stride(0), k.stride(1), hk, positions.data_ptr<index_t>(),
             reinterpret_cast<const C*>(cos_sin.data_ptr()), rot_dim);
