@@ -36,7 +36,8 @@ constexpr float kLog2e = 1.4426950408889634f;
 // context leaves its last splits empty (they exit at once) instead of spreading a few tokens over every split.
 constexpr int kMinSplitTokens = 128;
 // Most tokens a split aims at: in a ragged batch (a few long contexts among many short ones) one CTA per sequence
-// leaves the long ones running alone at the end of the kernel.
+// leaves the long ones running alone at the end of the kernel. TURBO_DECODE_SPLIT_TOKENS overrides it (for
+// comparisons: on uniform contexts at batch 64 fewer splits were faster, see NOTES_turbo_cuda.md).
 constexpr int kMaxSplitTokens = 512;
 // Most CTAs per SM a launch may have: splits past a short context still cost a launch slot each.
 constexpr int kMaxCtasPerSm = 64;
@@ -543,7 +544,11 @@ int64_t decode_num_splits(int64_t num_seqs, int64_t num_kv_heads, int64_t max_bl
     const int64_t ctas = std::max<int64_t>(1, num_seqs * num_kv_heads);
     const int64_t max_tokens = max_blocks_per_seq * block_size;
     const int64_t fill = (TURBO_DECODE_CTAS_PER_SM * num_sms + ctas - 1) / ctas;  // fill the SMs
-    const int64_t balance = std::min((max_tokens + kMaxSplitTokens - 1) / kMaxSplitTokens,  // bound a split's work
+    static const int64_t split_tokens = [] {
+        const char* env = std::getenv("TURBO_DECODE_SPLIT_TOKENS");
+        return env ? std::max<int64_t>(kMinSplitTokens, std::atoll(env)) : int64_t{kMaxSplitTokens};
+    }();
+    const int64_t balance = std::min((max_tokens + split_tokens - 1) / split_tokens,  // bound a split's work
                                      std::max<int64_t>(1, kMaxCtasPerSm * num_sms / ctas));  // and the grid
     const int64_t by_len = std::max<int64_t>(1, max_tokens / kMinSplitTokens);  // >= 128 tokens a split
     return std::max<int64_t>(1, std::min<int64_t>({std::max(fill, balance), by_len, 128}));
