@@ -73,18 +73,19 @@ def main() -> None:
 
 def sharegpt_steps(path: str, tokens: int, steps: int = 3) -> list[list[int]]:
     """The first `steps` chunked-prefill steps of a ShareGPT run: prompts in order, cut at `tokens` per step."""
-    import json
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench_data import load_tokenized
 
-    lens = [len(r["prompt_ids"]) for r in json.loads(Path(path).read_text())]
-    out, cur = [], []
-    for n in lens:
+    out, cur, room = [], [], tokens
+    for req in load_tokenized(path):
+        n = req.prompt_len
         while n > 0 and len(out) < steps:
-            take = min(n, tokens - sum(cur))
+            take = min(n, room)
             cur.append(take)
-            n -= take
-            if sum(cur) == tokens:
+            n, room = n - take, room - take
+            if room == 0:
                 out.append(cur)
-                cur = []
+                cur, room = [], tokens
     return out
 
 
@@ -106,7 +107,7 @@ def bench_prefill(ops, args, seq_lens: list[int]) -> None:
         at += nb
     tables = tables.cuda()
     lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
-    cu = torch.tensor([0] + seq_lens, dtype=torch.int32).cumsum(0).to(torch.int32).cuda()
+    cu = torch.tensor([0] + seq_lens).cumsum(0).to(device="cuda", dtype=torch.int32)
     total, max_len = sum(seq_lens), max(seq_lens)
     q = torch.randn(total, hq, d, device="cuda", dtype=dtype)
     k = torch.randn(total, hk, d, device="cuda", dtype=dtype)
@@ -126,10 +127,9 @@ def bench_prefill(ops, args, seq_lens: list[int]) -> None:
         paged_prefill_attention(q, k_cache, v_cache, tables, cu, lens, max_len, scale, out=out)
 
     tri_ms = triton.testing.do_bench(tri, warmup=20, rep=200, return_mode="median")
-    cu64 = cu.to(torch.int32)
 
     def flash():
-        torch.ops.aten._flash_attention_forward(q, k, v, cu64, cu64, max_len, max_len, 0.0, True, False, scale=scale)
+        torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale)
 
     try:
         fl = f"{flops / triton.testing.do_bench(flash, warmup=20, rep=200, return_mode='median') / 1e9:.0f}"
