@@ -5,6 +5,11 @@ every sequence at the same context. Reports the median time (CUDA events, do_ben
 of the KV read (batch * context * kv_heads * head_dim * 2 bytes * 2 for K and V) against the device's ~3 TB/s.
 
     python benchmark/kernels/bench_turbo_cuda_attention.py [--batch 1 64 256] [--context 1024 4096 32768]
+
+--table-blocks 48 gives the block tables the engine's width (its session length in blocks), so the heuristic's
+split count is a decode graph's; --hint also times each shape with the step's split hint (decode_min_split_tokens,
+as the engine's graphs pass it); --contexts-from FILE (a bench_data.py file) makes each batch ragged: conversation
+i's prompt plus a uniform share of its answer, --context then ignored.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--splits", type=int, nargs="+", default=[0], help="split counts to time (0 = heuristic)")
     ap.add_argument("--no-triton", action="store_true")
+    ap.add_argument("--table-blocks", type=int, default=0, help="block-table width (0: the longest context's)")
+    ap.add_argument("--hint", action="store_true", help="also time with the step's split hint")
+    ap.add_argument("--contexts-from", default=None, help="ragged contexts from a bench_data.py file")
     ap.add_argument("--prefill", type=int, nargs="*", default=None, help="also time prefill of these prompt lengths")
     ap.add_argument("--prefill-seqs", type=int, default=4, help="prompts per --prefill call")
     ap.add_argument(
@@ -55,20 +63,40 @@ def main() -> None:
             bench_prefill(ops, args, lens)
     if args.prefill_only:
         return
-    print(f"{'batch':>6} {'context':>8} {'splits':>6} {'turbo us':>10} {'GB/s':>8} {'triton us':>10} {'GB/s':>8}")
-    for ctx in args.context:
+    print(
+        f"{'batch':>6} {'context':>8} {'splits':>6} {'turbo us':>10} {'GB/s':>8} {'hinted us':>10} {'GB/s':>8} "
+        f"{'triton us':>10} {'GB/s':>8}"
+    )
+    contexts = [0] if args.contexts_from else args.context
+    for ctx in contexts:
         for b in args.batch:
-            kv_bytes = b * ctx * args.kv_heads * args.head_dim * 2 * 2
+            lens = ragged_contexts(args.contexts_from, b) if args.contexts_from else [ctx] * b
+            kv_bytes = sum(lens) * args.kv_heads * args.head_dim * 2 * 2
+            label = f"~{sum(lens) // b}" if args.contexts_from else str(ctx)
             if kv_bytes / 2**30 > args.max_gib:
-                print(f"{b:>6} {ctx:>8}  skipped ({kv_bytes / 2**30:.1f} GiB of KV)")
+                print(f"{b:>6} {label:>8}  skipped ({kv_bytes / 2**30:.1f} GiB of KV)")
                 continue
             for want in args.splits:
-                splits, t_us, tri_us = bench_shape(ops, args, b, ctx, props.multi_processor_count, want)
-                gbs, tri_gbs = kv_bytes / t_us / 1e3, kv_bytes / tri_us / 1e3
+                splits, t_us, hint_us, tri_us = bench_shape(ops, args, lens, props.multi_processor_count, want)
+                gbs, hint_gbs, tri_gbs = (kv_bytes / t / 1e3 for t in (t_us, hint_us, tri_us))
                 print(
-                    f"{b:>6} {ctx:>8} {splits:>6} {t_us:>10.1f} {gbs:>8.0f} {tri_us:>10.1f} {tri_gbs:>8.0f}", flush=True
+                    f"{b:>6} {label:>8} {splits:>6} {t_us:>10.1f} {gbs:>8.0f} {hint_us:>10.1f} {hint_gbs:>8.0f} "
+                    f"{tri_us:>10.1f} {tri_gbs:>8.0f}",
+                    flush=True,
                 )
             torch.cuda.empty_cache()
+
+
+def ragged_contexts(path: str, batch: int, seed: int = 0) -> list[int]:
+    """Contexts of a decode step mid-run: conversation i's prompt and a uniform share of its answer."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench_data import load_tokenized
+
+    reqs = load_tokenized(path)
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randint(len(reqs), (batch,), generator=g).tolist()
+    share = torch.rand(batch, generator=g).tolist()
+    return [max(1, reqs[i].prompt_len + int(u * reqs[i].output_len)) for i, u in zip(pick, share)]
 
 
 def sharegpt_steps(path: str, tokens: int, steps: int = 3) -> list[list[int]]:
@@ -143,26 +171,40 @@ def bench_prefill(ops, args, seq_lens: list[int]) -> None:
     )
 
 
-def bench_shape(ops, args, b: int, ctx: int, sms: int, want: int = 0) -> tuple[int, float, float]:
-    """(splits, turbo median us, triton median us) for one batch and context."""
+def bench_shape(ops, args, ctx: list[int], sms: int, want: int = 0) -> tuple[int, float, float, float]:
+    """(splits, turbo median us, with the split hint, triton median us) for one batch of contexts."""
     dtype = torch.bfloat16
+    b = len(ctx)
     hq, hk, d, bs = args.heads, args.kv_heads, args.head_dim, args.block_size
-    blocks_per_seq = triton.cdiv(ctx, bs)
-    num_blocks = b * blocks_per_seq
-    k_cache = torch.empty(num_blocks, bs, hk, d, device="cuda", dtype=dtype).normal_()
+    blocks = [triton.cdiv(n, bs) for n in ctx]
+    width = max(max(blocks), args.table_blocks)
+    k_cache = torch.empty(sum(blocks), bs, hk, d, device="cuda", dtype=dtype).normal_()
     v_cache = torch.empty_like(k_cache).normal_()
-    tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(b, blocks_per_seq)
-    lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
+    perm = torch.randperm(sum(blocks), dtype=torch.int32)
+    tables = torch.zeros(b, width, dtype=torch.int32)
+    at = 0
+    for i, nb in enumerate(blocks):
+        tables[i, :nb] = perm[at : at + nb]
+        at += nb
+    tables = tables.cuda()
+    lens = torch.tensor(ctx, dtype=torch.int32, device="cuda")
     q = torch.randn(b, hq, d, device="cuda", dtype=dtype)
     out = torch.empty_like(q)
-    splits = want or ops.decode_num_splits(b, hk, blocks_per_seq, bs, sms)
+    splits = want or ops.decode_num_splits(b, hk, width, bs, sms)
     ws = torch.empty(max(1, ops.decode_workspace_size(b, hq, d, splits)), dtype=torch.uint8, device="cuda")
     scale = d**-0.5
+    hint = torch.tensor([ops.decode_min_split_tokens(sum(ctx), hq, hk, sms)], dtype=torch.int32, device="cuda")
 
     def turbo():
         ops.paged_attention_decode(out, q, k_cache, v_cache, tables, lens, scale, splits, ws, 0)
 
+    def hinted():
+        ops.paged_attention_decode(out, q, k_cache, v_cache, tables, lens, scale, splits, ws, 0, hint)
+
     t_us = triton.testing.do_bench(turbo, warmup=50, rep=300, return_mode="median") * 1e3
+    hint_us = float("nan")
+    if args.hint:
+        hint_us = triton.testing.do_bench(hinted, warmup=50, rep=300, return_mode="median") * 1e3
     tri_us = float("nan")
     if not args.no_triton and not want:
         sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -172,7 +214,7 @@ def bench_shape(ops, args, b: int, ctx: int, sms: int, want: int = 0) -> tuple[i
             paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, out=out)
 
         tri_us = triton.testing.do_bench(tri, warmup=50, rep=300, return_mode="median") * 1e3
-    return splits, t_us, tri_us
+    return splits, t_us, hint_us, tri_us
 
 
 if __name__ == "__main__":

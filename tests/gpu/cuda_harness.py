@@ -34,15 +34,17 @@ namespace tc = turbo::cuda;
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("decode_workspace_size", &tc::decode_workspace_size);
     m.def("decode_num_splits", &tc::decode_num_splits);
+    m.def("decode_min_split_tokens", &tc::decode_min_split_tokens);
     m.def("paged_attention_decode",
           [](at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables,
-             at::Tensor context_lens, double scale, int64_t num_splits, at::Tensor workspace, int64_t window) {
+             at::Tensor context_lens, double scale, int64_t num_splits, at::Tensor workspace, int64_t window,
+             std::optional<at::Tensor> min_split_tokens) {
               tc::paged_attention_decode(out, q, k_cache, v_cache, block_tables, context_lens, scale, num_splits,
-                                         workspace, window);
+                                         workspace, window, min_split_tokens.value_or(at::Tensor()));
           },
           py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
           py::arg("context_lens"), py::arg("scale"), py::arg("num_splits"), py::arg("workspace"),
-          py::arg("window") = 0);
+          py::arg("window") = 0, py::arg("min_split_tokens") = py::none());
     m.def("paged_attention_prefill",
           [](at::Tensor out, at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables,
              at::Tensor cu_seqlens_q, at::Tensor context_lens, int64_t max_query_len, double scale, int64_t window) {

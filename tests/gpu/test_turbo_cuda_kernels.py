@@ -73,14 +73,15 @@ def _reference(q, k, v, q_pos, scale, window=0):
     return torch.einsum("htn,nhd->thd", s.softmax(-1), v)
 
 
-def _decode(ops, q, k_cache, v_cache, tables, lens, scale, num_splits, window=0):
+def _decode(ops, q, k_cache, v_cache, tables, lens, scale, num_splits, window=0, hint=None):
     ws = torch.empty(
         max(1, ops.decode_workspace_size(q.shape[0], q.shape[1], q.shape[2], num_splits)),
         dtype=torch.uint8,
         device="cuda",
     )
     out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
-    ops.paged_attention_decode(out, q, k_cache, v_cache, tables, lens, scale, num_splits, ws, window)
+    min_split = None if hint is None else torch.tensor([hint], dtype=torch.int32, device="cuda")
+    ops.paged_attention_decode(out, q, k_cache, v_cache, tables, lens, scale, num_splits, ws, window, min_split)
     return out
 
 
@@ -151,6 +152,30 @@ def test_decode_ragged_batch_auto_splits(ops):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("hint", [0, 100, 256, 1000, 5000, 2**31 - 1])
+def test_decode_split_hint(ops, dtype, hint):
+    """The step's min_split_tokens hint regroups each context's splits (one split up to about the hint, pieces of
+    about the hint past it, never more than the grid's); every grouping gives the same attention."""
+    g = torch.Generator().manual_seed(5)
+    context_lens = torch.randint(1, 600, (40,), generator=g).tolist() + [3072, 2900, 1500, 1, 129, 257, 2049]
+    k_cache, v_cache, tables = _make_cache(context_lens, 8, 128, 64, dtype, seed=5)
+    q = torch.randn(len(context_lens), 32, 128, device="cuda", dtype=dtype)
+    lens = torch.tensor(context_lens, dtype=torch.int32, device="cuda")
+    for splits, window in [(6, 0), (1, 0), (13, 700)]:
+        out = _decode(ops, q, k_cache, v_cache, tables, lens, 128**-0.5, splits, window, hint=hint)
+        _check_decode(out, q, k_cache, v_cache, tables, context_lens, 128**-0.5, dtype, window)
+
+
+def test_decode_min_split_tokens(ops):
+    """The hint is the tokens per CTA if the step's contexts were spread over the resident CTA slots (4 per SM)."""
+    assert ops.decode_min_split_tokens(64 * 1024, 32, 8, 132) == math.ceil(64 * 1024 * 8 / 528)
+    assert ops.decode_min_split_tokens(1024 * 256, 32, 8, 132) == math.ceil(1024 * 256 * 8 / 528)
+    assert ops.decode_min_split_tokens(300, 64, 8, 132) == math.ceil(300 * 8 / 528)  # 8 heads a CTA: one per KV head
+    assert ops.decode_min_split_tokens(300, 32, 2, 132) == math.ceil(300 * 4 / 528)  # 16 heads a KV head: 2 CTAs
+    assert ops.decode_min_split_tokens(0, 32, 8, 132) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_decode_big_group_window_and_strided_q(ops, dtype):
     context_lens = [5, 700, 2500]
     k_cache, v_cache, tables = _make_cache(context_lens, 2, 64, 32, dtype, seed=2, extra_width=3)
@@ -201,6 +226,29 @@ def test_decode_cuda_graph(ops):
         ops.paged_attention_decode(out, q, k_cache, v_cache, tables, lens, 128**-0.5, splits, ws, 0)
     for new in ([100, 2000, 513, 64], [4096, 1, 3000, 77]):
         lens.copy_(torch.tensor(new, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        _check_decode(out, q, k_cache, v_cache, tables, new, 128**-0.5, dtype)
+
+
+def test_decode_cuda_graph_split_hint(ops):
+    """The split hint is read on the device: one graph replays with new hints and contexts."""
+    dtype = torch.bfloat16
+    k_cache, v_cache, tables = _make_cache([4096] * 4, 8, 128, 64, dtype, seed=6)
+    q = torch.randn(4, 32, 128, device="cuda", dtype=dtype)
+    lens = torch.tensor([100, 2000, 513, 64], dtype=torch.int32, device="cuda")
+    hint = torch.zeros(1, dtype=torch.int32, device="cuda")
+    splits = 6
+    ws = torch.empty(ops.decode_workspace_size(4, 32, 128, splits), dtype=torch.uint8, device="cuda")
+    out = torch.empty_like(q)
+    ops.paged_attention_decode(out, q, k_cache, v_cache, tables, lens, 128**-0.5, splits, ws, 0, hint)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.paged_attention_decode(out, q, k_cache, v_cache, tables, lens, 128**-0.5, splits, ws, 0, hint)
+    for new, h in (([100, 2000, 513, 64], 0), ([4096, 1, 3000, 77], 1500), ([4096, 700, 3000, 77], 10**6)):
+        lens.copy_(torch.tensor(new, dtype=torch.int32))
+        hint.fill_(h)
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()

@@ -2,6 +2,8 @@
 // buffers. Host code only; a .cu so that nvcc supplies the CUDA include paths that ATen/cuda needs.
 #include "turbo/engine/decode_graphs.h"
 
+#include "turbo/kernels/cuda/cuda_kernels.h"
+
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -9,6 +11,7 @@
 
 #include <algorithm>
 #include <map>
+#include <numeric>
 #include <vector>
 
 namespace turbo::cuda {
@@ -33,6 +36,7 @@ struct DecodeGraphs::Impl {
     fb.slot_mapping = idx.narrow(0, 2 * B, B);
     fb.block_tables = i32.narrow(0, 0, B * width).view({B, width});
     fb.kv_lens = i32.narrow(0, B * width, B);
+    fb.min_split_tokens = i32.narrow(0, B * width + B, 1);
     fb.cu_q_lens = cu.narrow(0, 0, B + 1);
     fb.sample_rows = rows.narrow(0, 0, B);
     fb.max_query_len = 1;
@@ -46,7 +50,7 @@ struct DecodeGraphs::Impl {
     const int64_t S = batch.token_ids.size(0);
     const auto pinned = at::TensorOptions().pinned_memory(true);
     at::Tensor h64 = at::empty({3 * B}, pinned.dtype(at::kLong));
-    at::Tensor h32 = at::zeros({B * width + B}, pinned.dtype(at::kInt));
+    at::Tensor h32 = at::zeros({B * width + B + 1}, pinned.dtype(at::kInt));
     const at::Tensor tok = batch.token_ids.cpu().to(at::kLong), pos = batch.positions.cpu().to(at::kLong);
     const at::Tensor slot = batch.slot_mapping.cpu().to(at::kLong);
     const at::Tensor bt = batch.block_tables.cpu().contiguous(), kvl = batch.kv_lens.cpu().contiguous();
@@ -61,8 +65,12 @@ struct DecodeGraphs::Impl {
     const int64_t w = bt.size(1);
     for (int64_t s = 0; s < S; ++s) std::copy_n(bt.data_ptr<int32_t>() + s * w, w, q + s * width);
     std::copy_n(kvl.data_ptr<int32_t>(), S, q + B * width);  // padding rows: kv_len 0, no attention
+    const int64_t total = std::accumulate(q + B * width, q + B * width + S, int64_t{0});
+    const ModelConfig& cfg = model.config();
+    q[B * width + B] = static_cast<int32_t>(
+        decode_min_split_tokens(total, cfg.num_heads, cfg.num_kv_heads, device_num_sms()));
     idx.narrow(0, 0, 3 * B).copy_(h64, /*non_blocking=*/true);
-    i32.narrow(0, 0, B * width + B).copy_(h32, /*non_blocking=*/true);
+    i32.narrow(0, 0, B * width + B + 1).copy_(h32, /*non_blocking=*/true);
   }
 
   // Warm-up run (cuBLAS handles and workspaces, lazy module loads) and capture, both on the side stream, over
@@ -71,7 +79,7 @@ struct DecodeGraphs::Impl {
     const ForwardBatch fb = views(B);
     idx.narrow(0, 0, 2 * B).zero_();
     idx.narrow(0, 2 * B, B).fill_(-1);
-    i32.narrow(0, 0, B * width + B).zero_();
+    i32.narrow(0, 0, B * width + B + 1).zero_();
     c10::cuda::device_synchronize();
     auto graph = std::make_unique<at::cuda::CUDAGraph>();
     {
@@ -99,7 +107,7 @@ DecodeGraphs::DecodeGraphs(const LlamaModel& model, KVCache& kv, int64_t max_num
   m.buckets.push_back(m.max_bs);
   const auto opts = at::TensorOptions().device(dev);
   m.idx = at::zeros({3 * m.max_bs}, opts.dtype(at::kLong));
-  m.i32 = at::zeros({m.max_bs * m.width + m.max_bs}, opts.dtype(at::kInt));
+  m.i32 = at::zeros({m.max_bs * m.width + m.max_bs + 1}, opts.dtype(at::kInt));
   m.cu = at::arange(m.max_bs + 1, opts.dtype(at::kInt));
   m.rows = at::arange(m.max_bs, opts.dtype(at::kLong));
   m.logits = at::empty({m.max_bs, model.config().vocab_size}, model.options());

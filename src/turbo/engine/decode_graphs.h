@@ -6,10 +6,12 @@
 // device inputs, sized for the largest bucket, are views whose addresses the graphs captured:
 //
 //   idx [3 * B] int64:         token_ids | positions | slot_mapping        (rows S..B-1: 0 | 0 | -1)
-//   i32 [B * W + B] int32:     block_tables [B, W] | kv_lens [B]           (rows S..B-1: 0 | 0)
+//   i32 [B * W + B + 1] int32: block_tables [B, W] | kv_lens [B] | split hint [1]   (rows S..B-1: 0 | 0)
 //
 // W = the engine's most blocks per sequence, so one graph serves every context length; padding rows write no
-// KV (slot -1) and attend to nothing (kv_len 0). Each step: two host->device copies, one replay, and the logits
+// KV (slot -1) and attend to nothing (kv_len 0). The split hint (decode_min_split_tokens of the step's total
+// context) lets the decode attention keep contexts whole when the batch fills the GPU without splits, though the
+// graph's split count is fixed for the longest context W allows. Each step: two host->device copies, one replay, and the logits
 // land in one shared buffer [max_bs, vocab]. The graphs share one memory pool: they never run concurrently.
 #pragma once
 

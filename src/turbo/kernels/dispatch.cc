@@ -55,14 +55,14 @@ void cuda_rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, do
 // Decode-only batches: split-K flash decoding (workspace from the caching allocator, splits that fill the GPU).
 void cuda_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& kv_lens,
-                           double scale, int64_t window) {
+                           double scale, int64_t window, const at::Tensor& min_split_tokens) {
   const int64_t S = q.size(0);
   const int64_t splits = turbo::cuda::decode_num_splits(S, k_cache.size(2), block_tables.size(1), k_cache.size(1),
                                                         turbo::cuda::device_num_sms());
   const int64_t bytes = turbo::cuda::decode_workspace_size(S, q.size(1), q.size(2), splits);
   at::Tensor workspace = at::empty({std::max<int64_t>(bytes, 16)}, q.options().dtype(at::kByte));
   turbo::cuda::paged_attention_decode(out, q, k_cache, v_cache, block_tables, kv_lens, scale, splits, workspace,
-                                      window);
+                                      window, min_split_tokens);
 }
 #endif
 
@@ -151,7 +151,8 @@ void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
 
 void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& block_tables, const at::Tensor& cu_q_lens, const at::Tensor& kv_lens,
-                     int64_t max_query_len, double scale, int64_t sliding_window) {
+                     int64_t max_query_len, double scale, int64_t sliding_window,
+                     const at::Tensor& min_split_tokens) {
   check_float(q, "q");
   check_float(k_cache, "k_cache");
   TORCH_CHECK(q.dim() == 3 && out.is_contiguous() && out.sizes() == q.sizes(), "paged_attention: q/out [T, H, D]");
@@ -168,7 +169,7 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_c
   if (on_cuda(q)) {
     if (max_query_len == 1 && q.size(0) == block_tables.size(0))
       return cuda_decode_attention(out, q, k_cache, v_cache, block_tables.contiguous(), kv_lens.contiguous(), scale,
-                                   sliding_window);
+                                   sliding_window, min_split_tokens);
     return turbo::cuda::paged_attention_prefill(out, q, k_cache, v_cache, block_tables.contiguous(),
                                                 cu_q_lens.contiguous(), kv_lens.contiguous(), max_query_len, scale,
                                                 sliding_window);

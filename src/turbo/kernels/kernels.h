@@ -38,9 +38,12 @@ void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
 //   sees keys 0..position (causal), restricted to the last `sliding_window` positions when > 0.
 //   max_query_len (a host value, so choosing a kernel needs no device sync): the longest q_len of the batch;
 //   1 means a decode-only batch (the CUDA split-K decode kernel), else the prefill kernel serves every row.
+//   min_split_tokens: the decode kernel's split hint (an int32 [1] CUDA tensor; see
+//   turbo::cuda::paged_attention_decode), or undefined; the CPU and prefill kernels ignore it.
 void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                      const at::Tensor& block_tables, const at::Tensor& cu_q_lens, const at::Tensor& kv_lens,
-                     int64_t max_query_len, double scale, int64_t sliding_window);
+                     int64_t max_query_len, double scale, int64_t sliding_window,
+                     const at::Tensor& min_split_tokens = {});
 
 // y [T, out] = x [T, in] w [out, in]^T (+ bias [out]). On CUDA, decode-sized inputs (T == 1 row; env
 // TURBO_GEMV_ROWS, 0..8, moves the limit) go to turbo's GEMV kernel, the rest to cuBLAS; on CPU at::mm.

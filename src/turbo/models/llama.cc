@@ -58,7 +58,7 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, con
             const ForwardBatch& b, const at::Tensor& prefill_cu, double scale, int64_t window) {
   if (!prefill_cu.defined()) {
     kernels::paged_attention(out, q, k_cache, v_cache, b.block_tables, b.cu_q_lens, b.kv_lens, b.max_query_len,
-                             scale, window);
+                             scale, window, b.min_split_tokens);
     return;
   }
   const int64_t D = b.num_decodes, T = q.size(0), S = b.kv_lens.size(0);

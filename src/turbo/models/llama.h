@@ -39,6 +39,8 @@ struct ForwardBatch {
   at::Tensor cu_q_lens;     // int32 [S + 1]
   at::Tensor kv_lens;       // int32 [S]
   at::Tensor sample_rows;   // int64 [n]: rows of T whose logits are wanted
+  // int32 [1] on the GPU, or undefined: the decode kernel's split hint (DecodeGraphs sets it per step).
+  at::Tensor min_split_tokens;
   // Host facts of the batch (kernel choice without a device->host sync).
   int64_t max_query_len = 1;  // the longest q_len of the batch
   bool is_decode = false;     // every q_len == 1

@@ -32,15 +32,22 @@ int64_t decode_workspace_size(int64_t num_seqs, int64_t num_heads, int64_t head_
 int64_t decode_num_splits(int64_t num_seqs, int64_t num_kv_heads, int64_t max_blocks_per_seq, int64_t block_size,
                           int64_t num_sms);
 
+// A step's hint for paged_attention_decode's min_split_tokens: the tokens one CTA would read if the step's
+// contexts (total_tokens, summed over its sequences) were spread evenly over the GPU's resident CTA slots. 0
+// when TURBO_DECODE_BALANCE=0 (no hint).
+int64_t decode_min_split_tokens(int64_t total_tokens, int64_t num_heads, int64_t num_kv_heads, int64_t num_sms);
+
 // Flash-decoding (split-K + merge), one query token per sequence, GQA: one CTA per (split, kv head, seq) serves
 // every query head of the group (up to 4; larger groups take several CTAs of 4). q, out: [num_seqs, num_heads,
 // head_dim] (head rows may be strided), head_dim 64 or 128, any block_size. workspace: any contiguous CUDA tensor
 // of >= decode_workspace_size bytes (unused when num_splits == 1). window > 0: attend to the last `window`
-// tokens only. A sequence with context 0 gets zeros.
+// tokens only. A sequence with context 0 gets zeros. min_split_tokens: undefined, or an int32 [1] CUDA tensor
+// (read by the kernels, so a CUDA graph can replay with a new value): contexts up to about that many tokens take
+// one split, longer ones splits of about that many (never more than num_splits).
 void paged_attention_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& block_tables,
                             const at::Tensor& context_lens, double scale, int64_t num_splits, at::Tensor& workspace,
-                            int64_t window = 0);
+                            int64_t window = 0, const at::Tensor& min_split_tokens = {});
 
 // Chunked prefill: causal attention of each sequence's new tokens (q [num_tokens, num_heads, head_dim] packed by
 // cu_seqlens_q [num_seqs + 1] int32) over its whole context in the cache (cached prefix + the new tokens, which

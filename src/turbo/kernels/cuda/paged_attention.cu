@@ -12,11 +12,18 @@
 // (acc, m, l) to the workspace and a merge kernel combines the splits. A split of a sequence covers
 // max(ctx / splits, 128) tokens of its own context, so ragged batches keep the CTAs busy; the splits past a short
 // context exit at once, and a sequence that needs one split writes its output directly (the merge skips it).
+// A step may also pass a device int, min_split_tokens (decode_min_split_tokens of its total context): contexts
+// up to about that long then stay in one split, however many splits the grid has, and longer ones split into
+// pieces about that long, so a CUDA graph's split count (fixed for the longest context it may see) costs only
+// the empty CTAs when the step's batch is already large enough to fill the GPU.
 // Nothing here syncs with the host or allocates: CUDA-graph friendly for a fixed num_splits.
 #include "turbo/kernels/cuda/common.cuh"
 #include "turbo/kernels/cuda/cuda_kernels.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <string>
 #include <type_traits>
 
@@ -27,6 +34,9 @@ namespace {
 constexpr int kDecodeWarps = 4;
 #ifndef TURBO_DECODE_CTAS_PER_SM
 #define TURBO_DECODE_CTAS_PER_SM 4  // split CTAs per SM that decode_num_splits aims for
+#endif
+#ifndef TURBO_DECODE_EARLY_Q
+#define TURBO_DECODE_EARLY_Q 1  // the tensor-core kernel loads Q beside the context length (0: after it)
 #endif
 #ifndef TURBO_DECODE_CHUNK
 #define TURBO_DECODE_CHUNK 4  // tokens per token group per step (loads in flight) for groups of <= 4 heads
@@ -42,18 +52,35 @@ constexpr int kMaxSplitTokens = 512;
 // Most CTAs per SM a launch may have: splits past a short context still cost a launch slot each.
 constexpr int kMaxCtasPerSm = 64;
 
+// How a launch splits each sequence's context: the grid's split count, the sliding window (0: none) and, where
+// the step supplies one (CUDA graphs do, from the step's context lengths), a device int `min_tokens`: the fewest
+// tokens a split should take so that the batch's CTAs balance without splitting what need not be split.
+struct DecodeSplit {
+    int num_splits;
+    int window;
+    const int* min_tokens;  // nullptr: kMinSplitTokens only
+};
+
 // Tokens [begin, end) of one split of a sequence, and how many of its splits hold tokens (at least one: the first
 // split of an empty context writes its zeros).
 struct SplitRange {
     int begin, end, used;
 };
 
-__device__ __forceinline__ SplitRange split_range(int ctx, int window, int num_splits, int split) {
-    const int start = window > 0 ? max(0, ctx - window) : 0;
+// hint: *DecodeSplit::min_tokens (0 if none), read once per CTA. A context of n hint-sized pieces takes
+// round(n) splits (at least one), so a uniform batch whose contexts are each about one hint long stays whole.
+__device__ __forceinline__ SplitRange split_range(int ctx, const DecodeSplit& sp, int hint, int split) {
+    const int start = sp.window > 0 ? max(0, ctx - sp.window) : 0;
     const int len = max(ctx - start, 0);
-    const int per = max((len + num_splits - 1) / num_splits, kMinSplitTokens);
+    int per = max((len + sp.num_splits - 1) / sp.num_splits, kMinSplitTokens);
+    if (hint > per) {
+        const int pieces = max(1, (len + hint / 2) / hint);
+        per = max(per, (len + pieces - 1) / pieces);
+    }
     return {start + min(len, split * per), start + min(len, (split + 1) * per), max(1, (len + per - 1) / per)};
 }
+
+__device__ __forceinline__ int split_hint(const DecodeSplit& sp) { return sp.min_tokens ? __ldg(sp.min_tokens) : 0; }
 
 template <typename T, int HEAD_DIM>
 struct DecodeShape {
@@ -109,7 +136,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
                               const int* __restrict__ block_tables, int64_t bt_stride,
                               const int* __restrict__ context_lens, float* __restrict__ ws_acc,
                               float* __restrict__ ws_m, float* __restrict__ ws_l, int num_heads, int num_kv_heads,
-                              int group, int head_chunks, int block_size, int num_splits, int window, float scale) {
+                              int group, int head_chunks, int block_size, DecodeSplit sp, float scale) {
     using S = DecodeShape<T, HEAD_DIM>;
     constexpr int VEC = S::VEC, TPT = S::TPT, NGROUPS = S::NGROUPS;
     __shared__ float s_acc[NGROUPS][GROUP][HEAD_DIM];
@@ -127,7 +154,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
     const int gid = warp * S::TPW + lane / TPT;                  // token group in the CTA
     const int d0 = sub * VEC;
 
-    const SplitRange range = split_range(context_lens[seq], window, num_splits, split);
+    const SplitRange range = split_range(context_lens[seq], sp, split_hint(sp), split);
     if (split >= range.used) return;  // uniform over the CTA
     const int tb = range.begin, te = range.end;
 
@@ -236,7 +263,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
     }
     __syncthreads();
     store_cta_output<T, HEAD_DIM, NGROUPS, GROUP>(s_acc, s_m, s_l, nh, h0, seq, split, range.used, out, out_stride_s,
-                                                  out_stride_h, ws_acc, ws_m, ws_l, num_heads, num_splits);
+                                                  out_stride_h, ws_acc, ws_m, ws_l, num_heads, sp.num_splits);
 }
 
 // ---------------------------------------------------------------- tensor-core variant (bf16 / fp16)
@@ -283,7 +310,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kMmaCtasPerSm)
                             const int* __restrict__ block_tables, int64_t bt_stride,
                             const int* __restrict__ context_lens, float* __restrict__ ws_acc,
                             float* __restrict__ ws_m, float* __restrict__ ws_l, int num_heads, int num_kv_heads,
-                            int group, int head_chunks, int block_shift, int num_splits, int window, float scale) {
+                            int group, int head_chunks, int block_shift, DecodeSplit sp, float scale) {
     constexpr int KQ = HEAD_DIM / 32;  // 16-byte K loads per lane per token
     constexpr int KW = HEAD_DIM / 8;   // their 32-bit words: two per k-step
     constexpr int VR = HEAD_DIM / 64;  // 16-byte V loads per lane per token
@@ -302,7 +329,26 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kMmaCtasPerSm)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;  // fragment coordinates: group of four lanes, lane in the group
 
-    const SplitRange range = split_range(context_lens[seq], window, num_splits, split);
+    const int* table = block_tables + seq * bt_stride;
+#if TURBO_DECODE_EARLY_Q
+    // Q and the block table's first line go out with the context length (the three loads do not wait on each
+    // other); a split past the context then wasted one Q load, but a short context's CTA waits for memory
+    // once less before its first K/V tile.
+    uint32_t qa[KW];
+#pragma unroll
+    for (int i = 0; i < KQ; ++i) {
+        uint4 x = make_uint4(0, 0, 0, 0);
+        if (g < nh) {
+            x = __ldg(reinterpret_cast<const uint4*>(q + seq * q_stride_s + (h0 + g) * q_stride_h + 32 * i + 8 * t));
+        }
+        unpack16(x, qa + 4 * i);
+    }
+    if (threadIdx.x == 0) asm volatile("prefetch.global.L1 [%0];" ::"l"(table));
+    const SplitRange range = split_range(context_lens[seq], sp, split_hint(sp), split);
+    if (split >= range.used) return;  // uniform over the CTA
+    const int tb = range.begin, te = range.end;
+#else
+    const SplitRange range = split_range(context_lens[seq], sp, split_hint(sp), split);
     if (split >= range.used) return;  // uniform over the CTA
     const int tb = range.begin, te = range.end;
 
@@ -316,6 +362,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kMmaCtasPerSm)
         }
         unpack16(x, qa + 4 * i);
     }
+#endif
 
     const float qk_scale = scale * kLog2e;
     // O^T: o[mt][0..1] = dim d(mt, g) of heads 2t, 2t + 1; o[mt][2..3] = dim d(mt, g + 8), with d(mt, r) the dim
@@ -325,7 +372,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kMmaCtasPerSm)
     for (int i = 0; i < MT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float m = -INFINITY, l = 0.f;  // head g's running max and (this lane's columns') sum
 
-    const int* table = block_tables + seq * bt_stride;
     const int64_t row_stride = static_cast<int64_t>(num_kv_heads) * HEAD_DIM;
     const int64_t head_off = static_cast<int64_t>(kvh) * HEAD_DIM;
     const int block_mask = (1 << block_shift) - 1;
@@ -419,16 +465,17 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kMmaCtasPerSm)
     __syncthreads();
     store_cta_output<T, HEAD_DIM, kDecodeWarps, kMmaHeads>(s_acc, s_m, s_l, nh, h0, seq, split, range.used, out,
                                                            out_stride_s, out_stride_h, ws_acc, ws_m, ws_l,
-                                                           num_heads, num_splits);
+                                                           num_heads, sp.num_splits);
 }
 
 template <typename T, int HEAD_DIM>
 __global__ void paged_decode_merge_kernel(T* __restrict__ out, int64_t out_stride_s, int64_t out_stride_h,
                                           const float* __restrict__ ws_acc, const float* __restrict__ ws_m,
                                           const float* __restrict__ ws_l, const int* __restrict__ context_lens,
-                                          int num_heads, int num_splits, int window) {
+                                          int num_heads, DecodeSplit sp) {
     const int head = blockIdx.x, seq = blockIdx.y, d = threadIdx.x;
-    const int used = split_range(context_lens[seq], window, num_splits, 0).used;
+    const int used = split_range(context_lens[seq], sp, split_hint(sp), 0).used;
+    const int num_splits = sp.num_splits;
     if (used == 1) return;  // the split kernel wrote this sequence's output
     const int64_t row0 = (static_cast<int64_t>(seq) * num_heads + head) * num_splits;
     float mx = -INFINITY;
@@ -455,8 +502,8 @@ struct DecodeWorkspace {
 template <typename T, int HEAD_DIM, typename Kernel>
 void launch_split_and_merge(Kernel kernel, int heads_per_cta, int block, at::Tensor& out, const at::Tensor& q,
                             const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_tables,
-                            const at::Tensor& context_lens, float scale, int num_splits, float* ws_ptr,
-                            int window) {
+                            const at::Tensor& context_lens, float scale, DecodeSplit sp, float* ws_ptr) {
+    const int num_splits = sp.num_splits;
     const int num_seqs = static_cast<int>(q.size(0)), num_heads = static_cast<int>(q.size(1));
     const int num_kv_heads = static_cast<int>(k_cache.size(2));
     const int group = num_heads / num_kv_heads;
@@ -468,32 +515,31 @@ void launch_split_and_merge(Kernel kernel, int heads_per_cta, int block, at::Ten
         o, out.stride(0), out.stride(1), reinterpret_cast<const T*>(q.data_ptr()), q.stride(0), q.stride(1),
         reinterpret_cast<const T*>(k_cache.data_ptr()), reinterpret_cast<const T*>(v_cache.data_ptr()),
         block_tables.data_ptr<int>(), block_tables.stride(0), context_lens.data_ptr<int>(), ws.acc, ws.m, ws.l,
-        num_heads, num_kv_heads, group, head_chunks, block, num_splits, window, scale);
+        num_heads, num_kv_heads, group, head_chunks, block, sp, scale);
     TURBO_CHECK_LAUNCH();
     if (num_splits == 1) return;
     paged_decode_merge_kernel<T, HEAD_DIM><<<dim3(num_heads, num_seqs), HEAD_DIM, 0, current_stream()>>>(
-        o, out.stride(0), out.stride(1), ws.acc, ws.m, ws.l, context_lens.data_ptr<int>(), num_heads, num_splits,
-        window);
+        o, out.stride(0), out.stride(1), ws.acc, ws.m, ws.l, context_lens.data_ptr<int>(), num_heads, sp);
     TURBO_CHECK_LAUNCH();
 }
 
 template <typename T, int HEAD_DIM, int GROUP>
 void launch_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                   const at::Tensor& block_tables, const at::Tensor& context_lens, float scale, int num_splits,
-                   float* ws, int window) {
+                   const at::Tensor& block_tables, const at::Tensor& context_lens, float scale, DecodeSplit sp,
+                   float* ws) {
     constexpr int CHUNK = GROUP >= 8 ? 2 : TURBO_DECODE_CHUNK;
     launch_split_and_merge<T, HEAD_DIM>(paged_decode_split_kernel<T, HEAD_DIM, GROUP, CHUNK>, GROUP,
                                         static_cast<int>(k_cache.size(1)), out, q, k_cache, v_cache, block_tables,
-                                        context_lens, scale, num_splits, ws, window);
+                                        context_lens, scale, sp, ws);
 }
 
 template <typename T, int HEAD_DIM>
 void launch_decode_mma(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                       const at::Tensor& block_tables, const at::Tensor& context_lens, float scale, int num_splits,
-                       float* ws, int window) {
+                       const at::Tensor& block_tables, const at::Tensor& context_lens, float scale, DecodeSplit sp,
+                       float* ws) {
     launch_split_and_merge<T, HEAD_DIM>(paged_decode_mma_kernel<T, HEAD_DIM>, kMmaHeads,
                                         __builtin_ctz(static_cast<unsigned>(k_cache.size(1))), out, q, k_cache,
-                                        v_cache, block_tables, context_lens, scale, num_splits, ws, window);
+                                        v_cache, block_tables, context_lens, scale, sp, ws);
 }
 
 // The tensor-core kernel takes bf16/fp16 caches with power-of-two blocks and q rows it can read in 16-byte pieces
@@ -510,25 +556,21 @@ bool use_mma_kernel(const at::Tensor& q, int64_t block_size) {
 template <typename T, int HEAD_DIM>
 void dispatch_group(int group, at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                     const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& context_lens,
-                    float scale, int num_splits, float* ws, int window) {
+                    float scale, DecodeSplit sp, float* ws) {
     if constexpr (!std::is_same<T, float>::value) {
         if (use_mma_kernel(q, k_cache.size(1))) {
-            launch_decode_mma<T, HEAD_DIM>(out, q, k_cache, v_cache, block_tables, context_lens, scale, num_splits,
-                                           ws, window);
+            launch_decode_mma<T, HEAD_DIM>(out, q, k_cache, v_cache, block_tables, context_lens, scale, sp, ws);
             return;
         }
     }
     if (group <= 1) {
-        launch_decode<T, HEAD_DIM, 1>(out, q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, ws,
-                                      window);
+        launch_decode<T, HEAD_DIM, 1>(out, q, k_cache, v_cache, block_tables, context_lens, scale, sp, ws);
     } else if (group <= 2) {
-        launch_decode<T, HEAD_DIM, 2>(out, q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, ws,
-                                      window);
+        launch_decode<T, HEAD_DIM, 2>(out, q, k_cache, v_cache, block_tables, context_lens, scale, sp, ws);
     } else {
         // Groups > 4 take several CTAs of 4 heads: adjacent in the grid, they read the same K/V mostly from L2.
         // (One CTA of 8 heads needs ~254 registers and ran at half the bandwidth on an H100.)
-        launch_decode<T, HEAD_DIM, 4>(out, q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, ws,
-                                      window);
+        launch_decode<T, HEAD_DIM, 4>(out, q, k_cache, v_cache, block_tables, context_lens, scale, sp, ws);
     }
 }
 
@@ -554,10 +596,25 @@ int64_t decode_num_splits(int64_t num_seqs, int64_t num_kv_heads, int64_t max_bl
     return std::max<int64_t>(1, std::min<int64_t>({std::max(fill, balance), by_len, 128}));
 }
 
+int64_t decode_min_split_tokens(int64_t total_tokens, int64_t num_heads, int64_t num_kv_heads, int64_t num_sms) {
+    // Waves of the resident CTA slots the batch's work is balanced over (TURBO_DECODE_BALANCE; 0 turns the hint
+    // off, which leaves kMinSplitTokens and the grid's split count to decide, as without a hint).
+    static const double waves = [] {
+        const char* env = std::getenv("TURBO_DECODE_BALANCE");
+        return env ? std::atof(env) : 1.0;
+    }();
+    if (waves <= 0.0 || total_tokens <= 0 || num_kv_heads <= 0) return 0;
+    const int64_t group = std::max<int64_t>(1, num_heads / num_kv_heads);
+    const int64_t cta_tokens = total_tokens * num_kv_heads * ((group + kMmaHeads - 1) / kMmaHeads);
+    const double slots = static_cast<double>(kMmaCtasPerSm) * std::max<int64_t>(1, num_sms) * waves;
+    return std::min<int64_t>(std::numeric_limits<int32_t>::max(),
+                             static_cast<int64_t>(std::ceil(static_cast<double>(cta_tokens) / slots)));
+}
+
 void paged_attention_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& block_tables,
                             const at::Tensor& context_lens, double scale, int64_t num_splits, at::Tensor& workspace,
-                            int64_t window) {
+                            int64_t window, const at::Tensor& min_split_tokens) {
     for (const at::Tensor* t :
          std::initializer_list<const at::Tensor*>{&out, &q, &k_cache, &v_cache, &block_tables, &context_lens})
         TURBO_CHECK_CUDA_TENSOR(*t);
@@ -574,6 +631,14 @@ void paged_attention_decode(at::Tensor& out, const at::Tensor& q, const at::Tens
     TORCH_CHECK(reinterpret_cast<uintptr_t>(k_cache.data_ptr()) % 16 == 0 &&
                     reinterpret_cast<uintptr_t>(v_cache.data_ptr()) % 16 == 0,
                 "caches must be 16-byte aligned");
+    const int* hint = nullptr;
+    if (min_split_tokens.defined()) {
+        TURBO_CHECK_CUDA_TENSOR(min_split_tokens);
+        TURBO_CHECK_DTYPE(min_split_tokens, at::kInt);
+        TORCH_CHECK(min_split_tokens.numel() == 1, "min_split_tokens must hold one int32");
+        hint = min_split_tokens.data_ptr<int>();
+    }
+    const DecodeSplit sp{static_cast<int>(num_splits), static_cast<int>(window), hint};
     float* ws = nullptr;
     if (num_splits > 1) {
         TURBO_CHECK_CUDA_TENSOR(workspace);
@@ -590,12 +655,10 @@ void paged_attention_decode(at::Tensor& out, const at::Tensor& q, const at::Tens
     TURBO_DISPATCH_FLOAT_TYPES(q.scalar_type(), "paged_attention_decode", [&] {
         if (head_dim == 64) {
             dispatch_group<scalar_t, 64>(group, out, q, k_cache, v_cache, block_tables, context_lens,
-                                         static_cast<float>(scale), static_cast<int>(num_splits), ws,
-                                         static_cast<int>(window));
+                                         static_cast<float>(scale), sp, ws);
         } else {
             dispatch_group<scalar_t, 128>(group, out, q, k_cache, v_cache, block_tables, context_lens,
-                                          static_cast<float>(scale), static_cast<int>(num_splits), ws,
-                                          static_cast<int>(window));
+                                          static_cast<float>(scale), sp, ws);
         }
     });
 }
