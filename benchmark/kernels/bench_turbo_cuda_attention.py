@@ -9,7 +9,8 @@ of the KV read (batch * context * kv_heads * head_dim * 2 bytes * 2 for K and V)
 --table-blocks 48 gives the block tables the engine's width (its session length in blocks), so the heuristic's
 split count is a decode graph's; --hint also times each shape with the step's split hint (decode_min_split_tokens,
 as the engine's graphs pass it); --contexts-from FILE (a bench_data.py file) makes each batch ragged: conversation
-i's prompt plus a uniform share of its answer, --context then ignored.
+i's prompt plus a uniform share of its answer, --context then ignored (--sorted: longest first, the order the
+engine's decode graphs give their rows).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main() -> None:
     ap.add_argument("--table-blocks", type=int, default=0, help="block-table width (0: the longest context's)")
     ap.add_argument("--hint", action="store_true", help="also time with the step's split hint")
     ap.add_argument("--contexts-from", default=None, help="ragged contexts from a bench_data.py file")
+    ap.add_argument("--sorted", action="store_true", help="ragged contexts longest first (as in a decode graph)")
     ap.add_argument("--prefill", type=int, nargs="*", default=None, help="also time prefill of these prompt lengths")
     ap.add_argument("--prefill-seqs", type=int, default=4, help="prompts per --prefill call")
     ap.add_argument(
@@ -71,6 +73,8 @@ def main() -> None:
     for ctx in contexts:
         for b in args.batch:
             lens = ragged_contexts(args.contexts_from, b) if args.contexts_from else [ctx] * b
+            if args.sorted:
+                lens.sort(reverse=True)
             kv_bytes = sum(lens) * args.kv_heads * args.head_dim * 2 * 2
             label = f"~{sum(lens) // b}" if args.contexts_from else str(ctx)
             if kv_bytes / 2**30 > args.max_gib:

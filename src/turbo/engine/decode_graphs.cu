@@ -10,8 +10,10 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <numeric>
+#include <string>
 #include <vector>
 
 namespace turbo::cuda {
@@ -24,7 +26,7 @@ struct DecodeGraphs::Impl {
   c10::cuda::CUDAStream stream;  // warm-up and capture (a graph cannot be captured on the default stream)
   int64_t max_bs = 0, width = 0;
   std::vector<int64_t> buckets;              // 1, 2, 4, 8, 16, 24, ..., max_bs
-  at::Tensor idx, i32, cu, rows, logits;     // static device buffers (layout in the header)
+  at::Tensor idx, i32, cu, logits;           // static device buffers (layout in the header)
   decltype(at::cuda::graph_pool_handle()) pool;
   std::map<int64_t, std::unique_ptr<at::cuda::CUDAGraph>> graphs;
 
@@ -34,11 +36,11 @@ struct DecodeGraphs::Impl {
     fb.token_ids = idx.narrow(0, 0, B);
     fb.positions = idx.narrow(0, B, B);
     fb.slot_mapping = idx.narrow(0, 2 * B, B);
+    fb.sample_rows = idx.narrow(0, 3 * B, B);
     fb.block_tables = i32.narrow(0, 0, B * width).view({B, width});
     fb.kv_lens = i32.narrow(0, B * width, B);
     fb.min_split_tokens = i32.narrow(0, B * width + B, 1);
     fb.cu_q_lens = cu.narrow(0, 0, B + 1);
-    fb.sample_rows = rows.narrow(0, 0, B);
     fb.max_query_len = 1;
     fb.is_decode = true;
     fb.num_decodes = B;
@@ -46,30 +48,51 @@ struct DecodeGraphs::Impl {
   }
 
   // Copies the batch, padded to B rows, into the static inputs: one pinned staging buffer per dtype, two copies.
+  // The graph's rows are the batch's sorted by context, longest first (TURBO_DECODE_SORT=0: in batch order), so
+  // the decode attention's CTAs of the longest contexts start first and the short ones fill in behind them; the
+  // sampled rows gather the logits back into the batch's order, and order[] gathers device token ids the same way.
   void load(const ForwardBatch& batch, int64_t B) {
+    static const bool sort_rows = [] {
+      const char* env = std::getenv("TURBO_DECODE_SORT");
+      return env == nullptr || std::string(env) != "0";
+    }();
     const int64_t S = batch.token_ids.size(0);
     const auto pinned = at::TensorOptions().pinned_memory(true);
-    at::Tensor h64 = at::empty({3 * B}, pinned.dtype(at::kLong));
+    at::Tensor h64 = at::empty({5 * B}, pinned.dtype(at::kLong));
     at::Tensor h32 = at::zeros({B * width + B + 1}, pinned.dtype(at::kInt));
     const at::Tensor tok = batch.token_ids.cpu().to(at::kLong), pos = batch.positions.cpu().to(at::kLong);
-    const at::Tensor slot = batch.slot_mapping.cpu().to(at::kLong);
+    const at::Tensor slot = batch.slot_mapping.cpu().to(at::kLong), sr = batch.sample_rows.cpu().to(at::kLong);
     const at::Tensor bt = batch.block_tables.cpu().contiguous(), kvl = batch.kv_lens.cpu().contiguous();
+    const int32_t* lens = kvl.data_ptr<int32_t>();
+    std::vector<int64_t> order(S), where(S);  // graph row r holds batch row order[r]; batch row i is where[i]
+    std::iota(order.begin(), order.end(), 0);
+    if (sort_rows)
+      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return lens[a] > lens[b]; });
+    for (int64_t r = 0; r < S; ++r) where[order[r]] = r;
     int64_t* p = h64.data_ptr<int64_t>();
-    std::copy_n(tok.data_ptr<int64_t>(), S, p);
-    std::fill(p + S, p + B, 0);
-    std::copy_n(pos.data_ptr<int64_t>(), S, p + B);
-    std::fill(p + B + S, p + 2 * B, 0);
-    std::copy_n(slot.data_ptr<int64_t>(), S, p + 2 * B);
-    std::fill(p + 2 * B + S, p + 3 * B, -1);  // padding rows write no KV
     int32_t* q = h32.data_ptr<int32_t>();
     const int64_t w = bt.size(1);
-    for (int64_t s = 0; s < S; ++s) std::copy_n(bt.data_ptr<int32_t>() + s * w, w, q + s * width);
-    std::copy_n(kvl.data_ptr<int32_t>(), S, q + B * width);  // padding rows: kv_len 0, no attention
-    const int64_t total = std::accumulate(q + B * width, q + B * width + S, int64_t{0});
+    for (int64_t r = 0; r < S; ++r) {
+      const int64_t i = order[r];
+      p[r] = tok.data_ptr<int64_t>()[i];
+      p[B + r] = pos.data_ptr<int64_t>()[i];
+      p[2 * B + r] = slot.data_ptr<int64_t>()[i];
+      p[3 * B + r] = where[sr.data_ptr<int64_t>()[r]];
+      p[4 * B + r] = i;
+      std::copy_n(bt.data_ptr<int32_t>() + i * w, w, q + r * width);
+      q[B * width + r] = lens[i];  // padding rows: kv_len 0, no attention
+    }
+    for (int64_t r = S; r < B; ++r) {
+      p[r] = p[B + r] = 0;
+      p[2 * B + r] = -1;  // padding rows write no KV
+      p[3 * B + r] = r;
+      p[4 * B + r] = 0;
+    }
+    const int64_t total = std::accumulate(lens, lens + S, int64_t{0});
     const ModelConfig& cfg = model.config();
     q[B * width + B] = static_cast<int32_t>(
         decode_min_split_tokens(total, cfg.num_heads, cfg.num_kv_heads, device_num_sms()));
-    idx.narrow(0, 0, 3 * B).copy_(h64, /*non_blocking=*/true);
+    idx.narrow(0, 0, 5 * B).copy_(h64, /*non_blocking=*/true);
     i32.narrow(0, 0, B * width + B + 1).copy_(h32, /*non_blocking=*/true);
   }
 
@@ -79,6 +102,7 @@ struct DecodeGraphs::Impl {
     const ForwardBatch fb = views(B);
     idx.narrow(0, 0, 2 * B).zero_();
     idx.narrow(0, 2 * B, B).fill_(-1);
+    idx.narrow(0, 3 * B, 2 * B).zero_();
     i32.narrow(0, 0, B * width + B + 1).zero_();
     c10::cuda::device_synchronize();
     auto graph = std::make_unique<at::cuda::CUDAGraph>();
@@ -106,10 +130,9 @@ DecodeGraphs::DecodeGraphs(const LlamaModel& model, KVCache& kv, int64_t max_num
   for (int64_t b = 16; b < m.max_bs; b += 8) m.buckets.push_back(b);
   m.buckets.push_back(m.max_bs);
   const auto opts = at::TensorOptions().device(dev);
-  m.idx = at::zeros({3 * m.max_bs}, opts.dtype(at::kLong));
+  m.idx = at::zeros({5 * m.max_bs}, opts.dtype(at::kLong));
   m.i32 = at::zeros({m.max_bs * m.width + m.max_bs + 1}, opts.dtype(at::kInt));
   m.cu = at::arange(m.max_bs + 1, opts.dtype(at::kInt));
-  m.rows = at::arange(m.max_bs, opts.dtype(at::kLong));
   m.logits = at::empty({m.max_bs, model.config().vocab_size}, model.options());
   m.pool = at::cuda::graph_pool_handle();
 }
@@ -143,7 +166,10 @@ at::Tensor DecodeGraphs::run(const ForwardBatch& batch, const at::Tensor& device
     it = impl_->graphs.find(B);
   }
   impl_->load(batch, B);
-  if (device_token_ids.defined()) impl_->idx.narrow(0, 0, S).copy_(device_token_ids.view({S}));
+  if (device_token_ids.defined()) {  // into the graph's row order
+    at::Tensor dst = impl_->idx.narrow(0, 0, S);
+    at::index_select_out(dst, device_token_ids.view({S}), 0, impl_->idx.narrow(0, 4 * B, S));
+  }
   it->second->replay();
   return impl_->logits.narrow(0, 0, S);
 }

@@ -5,14 +5,17 @@
 // A decode batch of S sequences (every q_len 1, every row sampled) runs in the smallest bucket B >= S. Static
 // device inputs, sized for the largest bucket, are views whose addresses the graphs captured:
 //
-//   idx [3 * B] int64:         token_ids | positions | slot_mapping        (rows S..B-1: 0 | 0 | -1)
+//   idx [5 * B] int64:         token_ids | positions | slot_mapping | sample_rows | order
+//                              (rows S..B-1: 0 | 0 | -1 | r | 0)
 //   i32 [B * W + B + 1] int32: block_tables [B, W] | kv_lens [B] | split hint [1]   (rows S..B-1: 0 | 0)
 //
 // W = the engine's most blocks per sequence, so one graph serves every context length; padding rows write no
-// KV (slot -1) and attend to nothing (kv_len 0). The split hint (decode_min_split_tokens of the step's total
-// context) lets the decode attention keep contexts whole when the batch fills the GPU without splits, though the
-// graph's split count is fixed for the longest context W allows. Each step: two host->device copies, one replay, and the logits
-// land in one shared buffer [max_bs, vocab]. The graphs share one memory pool: they never run concurrently.
+// KV (slot -1) and attend to nothing (kv_len 0). The graph's rows are the batch's, longest context first
+// (order[r]: the batch row in graph row r); sample_rows puts the logits back in the batch's order. With the split
+// hint (decode_min_split_tokens of the step's total context), the decode attention keeps contexts whole when the
+// batch fills the GPU without splits, though a graph's split count is fixed for the longest context W allows.
+// Each step: two host->device copies, one replay, and the logits land in one shared buffer [max_bs, vocab]. The
+// graphs share one memory pool: they never run concurrently.
 #pragma once
 
 #include <ATen/ATen.h>
