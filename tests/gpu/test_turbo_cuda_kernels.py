@@ -167,11 +167,13 @@ def test_decode_split_hint(ops, dtype, hint):
 
 
 def test_decode_min_split_tokens(ops):
-    """The hint is the tokens per CTA if the step's contexts were spread over the resident CTA slots (4 per SM)."""
-    assert ops.decode_min_split_tokens(64 * 1024, 32, 8, 132) == math.ceil(64 * 1024 * 8 / 528)
-    assert ops.decode_min_split_tokens(1024 * 256, 32, 8, 132) == math.ceil(1024 * 256 * 8 / 528)
-    assert ops.decode_min_split_tokens(300, 64, 8, 132) == math.ceil(300 * 8 / 528)  # 8 heads a CTA: one per KV head
-    assert ops.decode_min_split_tokens(300, 32, 2, 132) == math.ceil(300 * 4 / 528)  # 16 heads a KV head: 2 CTAs
+    """The hint is the tokens per CTA if the step's contexts were spread over two waves of the resident CTA slots
+    (4 per SM; TURBO_DECODE_BALANCE unset)."""
+    slots = 2 * 4 * 132
+    assert ops.decode_min_split_tokens(64 * 1024, 32, 8, 132) == math.ceil(64 * 1024 * 8 / slots)
+    assert ops.decode_min_split_tokens(1024 * 256, 32, 8, 132) == math.ceil(1024 * 256 * 8 / slots)
+    assert ops.decode_min_split_tokens(300, 64, 8, 132) == math.ceil(300 * 8 / slots)  # 8 heads a CTA: 1 per KV head
+    assert ops.decode_min_split_tokens(300, 32, 2, 132) == math.ceil(300 * 4 / slots)  # 16 heads a KV head: 2 CTAs
     assert ops.decode_min_split_tokens(0, 32, 8, 132) == 0
 
 

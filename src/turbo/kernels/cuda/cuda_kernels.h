@@ -33,8 +33,8 @@ int64_t decode_num_splits(int64_t num_seqs, int64_t num_kv_heads, int64_t max_bl
                           int64_t num_sms);
 
 // A step's hint for paged_attention_decode's min_split_tokens: the tokens one CTA would read if the step's
-// contexts (total_tokens, summed over its sequences) were spread evenly over the GPU's resident CTA slots. 0
-// when TURBO_DECODE_BALANCE=0 (no hint).
+// contexts (total_tokens, summed over its sequences) were spread evenly over two waves of the GPU's resident CTA
+// slots (TURBO_DECODE_BALANCE sets the waves; 0: no hint, returns 0).
 int64_t decode_min_split_tokens(int64_t total_tokens, int64_t num_heads, int64_t num_kv_heads, int64_t num_sms);
 
 // Flash-decoding (split-K + merge), one query token per sequence, GQA: one CTA per (split, kv head, seq) serves

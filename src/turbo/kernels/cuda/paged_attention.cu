@@ -601,7 +601,7 @@ int64_t decode_min_split_tokens(int64_t total_tokens, int64_t num_heads, int64_t
     // off, which leaves kMinSplitTokens and the grid's split count to decide, as without a hint).
     static const double waves = [] {
         const char* env = std::getenv("TURBO_DECODE_BALANCE");
-        return env ? std::atof(env) : 1.0;
+        return env ? std::atof(env) : 2.0;
     }();
     if (waves <= 0.0 || total_tokens <= 0 || num_kv_heads <= 0) return 0;
     const int64_t group = std::max<int64_t>(1, num_heads / num_kv_heads);
