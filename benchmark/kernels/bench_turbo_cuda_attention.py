@@ -121,23 +121,29 @@ def sharegpt_steps(path: str, tokens: int, steps: int = 3) -> list[list[int]]:
     return out
 
 
-def bench_prefill(ops, args, seq_lens: list[int]) -> None:
-    """Whole prompts (no cached prefix), one call: achieved TFLOP/s (causal: half the square), against Triton's
-    paged kernel and ATen's flash attention (varlen, contiguous K/V: no pages) on the same prompts."""
-    dtype = torch.bfloat16
-    hq, hk, d, bs = args.heads, args.kv_heads, args.head_dim, args.block_size
-    num_seqs = len(seq_lens)
-    blocks = [triton.cdiv(n, bs) for n in seq_lens]
-    width = max(blocks)
-    k_cache = torch.randn(sum(blocks), bs, hk, d, device="cuda", dtype=dtype)
+def paged_cache(args, seq_lens: list[int], min_width: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random bf16 K/V caches holding just these sequences' blocks, in a random order, and their block tables
+    (at least min_width wide; the padding entries 0)."""
+    blocks = [triton.cdiv(n, args.block_size) for n in seq_lens]
+    shape = (sum(blocks), args.block_size, args.kv_heads, args.head_dim)
+    k_cache = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     v_cache = torch.randn_like(k_cache)
     perm = torch.randperm(sum(blocks), dtype=torch.int32)
-    tables = torch.zeros(num_seqs, width, dtype=torch.int32)
+    tables = torch.zeros(len(seq_lens), max(max(blocks), min_width), dtype=torch.int32)
     at = 0
     for i, nb in enumerate(blocks):
         tables[i, :nb] = perm[at : at + nb]
         at += nb
-    tables = tables.cuda()
+    return k_cache, v_cache, tables.cuda()
+
+
+def bench_prefill(ops, args, seq_lens: list[int]) -> None:
+    """Whole prompts (no cached prefix), one call: achieved TFLOP/s (causal: half the square), against Triton's
+    paged kernel and ATen's flash attention (varlen, contiguous K/V: no pages) on the same prompts."""
+    dtype = torch.bfloat16
+    hq, hk, d = args.heads, args.kv_heads, args.head_dim
+    num_seqs = len(seq_lens)
+    k_cache, v_cache, tables = paged_cache(args, seq_lens)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
     cu = torch.tensor([0] + seq_lens).cumsum(0).to(device="cuda", dtype=torch.int32)
     total, max_len = sum(seq_lens), max(seq_lens)
@@ -180,17 +186,8 @@ def bench_shape(ops, args, ctx: list[int], sms: int, want: int = 0) -> tuple[int
     dtype = torch.bfloat16
     b = len(ctx)
     hq, hk, d, bs = args.heads, args.kv_heads, args.head_dim, args.block_size
-    blocks = [triton.cdiv(n, bs) for n in ctx]
-    width = max(max(blocks), args.table_blocks)
-    k_cache = torch.empty(sum(blocks), bs, hk, d, device="cuda", dtype=dtype).normal_()
-    v_cache = torch.empty_like(k_cache).normal_()
-    perm = torch.randperm(sum(blocks), dtype=torch.int32)
-    tables = torch.zeros(b, width, dtype=torch.int32)
-    at = 0
-    for i, nb in enumerate(blocks):
-        tables[i, :nb] = perm[at : at + nb]
-        at += nb
-    tables = tables.cuda()
+    k_cache, v_cache, tables = paged_cache(args, ctx, args.table_blocks)
+    width = tables.shape[1]
     lens = torch.tensor(ctx, dtype=torch.int32, device="cuda")
     q = torch.randn(b, hq, d, device="cuda", dtype=dtype)
     out = torch.empty_like(q)

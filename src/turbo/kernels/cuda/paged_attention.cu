@@ -35,9 +35,6 @@ constexpr int kDecodeWarps = 4;
 #ifndef TURBO_DECODE_CTAS_PER_SM
 #define TURBO_DECODE_CTAS_PER_SM 4  // split CTAs per SM that decode_num_splits aims for
 #endif
-#ifndef TURBO_DECODE_EARLY_Q
-#define TURBO_DECODE_EARLY_Q 1  // the tensor-core kernel loads Q beside the context length (0: after it)
-#endif
 #ifndef TURBO_DECODE_CHUNK
 #define TURBO_DECODE_CHUNK 4  // tokens per token group per step (loads in flight) for groups of <= 4 heads
 #endif
@@ -67,9 +64,10 @@ struct SplitRange {
     int begin, end, used;
 };
 
-// hint: *DecodeSplit::min_tokens (0 if none), read once per CTA. A context of n hint-sized pieces takes
-// round(n) splits (at least one), so a uniform batch whose contexts are each about one hint long stays whole.
-__device__ __forceinline__ SplitRange split_range(int ctx, const DecodeSplit& sp, int hint, int split) {
+// With a hint (*sp.min_tokens), a context of n hint-sized pieces takes round(n) splits (at least one), so a
+// uniform batch whose contexts are each about one hint long stays whole.
+__device__ __forceinline__ SplitRange split_range(int ctx, const DecodeSplit& sp, int split) {
+    const int hint = sp.min_tokens ? __ldg(sp.min_tokens) : 0;
     const int start = sp.window > 0 ? max(0, ctx - sp.window) : 0;
     const int len = max(ctx - start, 0);
     int per = max((len + sp.num_splits - 1) / sp.num_splits, kMinSplitTokens);
@@ -79,8 +77,6 @@ __device__ __forceinline__ SplitRange split_range(int ctx, const DecodeSplit& sp
     }
     return {start + min(len, split * per), start + min(len, (split + 1) * per), max(1, (len + per - 1) / per)};
 }
-
-__device__ __forceinline__ int split_hint(const DecodeSplit& sp) { return sp.min_tokens ? __ldg(sp.min_tokens) : 0; }
 
 template <typename T, int HEAD_DIM>
 struct DecodeShape {
@@ -154,7 +150,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
     const int gid = warp * S::TPW + lane / TPT;                  // token group in the CTA
     const int d0 = sub * VEC;
 
-    const SplitRange range = split_range(context_lens[seq], sp, split_hint(sp), split);
+    const SplitRange range = split_range(context_lens[seq], sp, split);
     if (split >= range.used) return;  // uniform over the CTA
     const int tb = range.begin, te = range.end;
 
@@ -330,7 +326,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kMmaCtasPerSm)
     const int g = lane >> 2, t = lane & 3;  // fragment coordinates: group of four lanes, lane in the group
 
     const int* table = block_tables + seq * bt_stride;
-#if TURBO_DECODE_EARLY_Q
     // Q and the block table's first line go out with the context length (the three loads do not wait on each
     // other); a split past the context then wasted one Q load, but a short context's CTA waits for memory
     // once less before its first K/V tile.
@@ -344,25 +339,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, kMmaCtasPerSm)
         unpack16(x, qa + 4 * i);
     }
     if (threadIdx.x == 0) asm volatile("prefetch.global.L1 [%0];" ::"l"(table));
-    const SplitRange range = split_range(context_lens[seq], sp, split_hint(sp), split);
+    const SplitRange range = split_range(context_lens[seq], sp, split);
     if (split >= range.used) return;  // uniform over the CTA
     const int tb = range.begin, te = range.end;
-#else
-    const SplitRange range = split_range(context_lens[seq], sp, split_hint(sp), split);
-    if (split >= range.used) return;  // uniform over the CTA
-    const int tb = range.begin, te = range.end;
-
-    // Q row (head) g in K's dim order; zero past the CTA's heads.
-    uint32_t qa[KW];
-#pragma unroll
-    for (int i = 0; i < KQ; ++i) {
-        uint4 x = make_uint4(0, 0, 0, 0);
-        if (g < nh) {
-            x = __ldg(reinterpret_cast<const uint4*>(q + seq * q_stride_s + (h0 + g) * q_stride_h + 32 * i + 8 * t));
-        }
-        unpack16(x, qa + 4 * i);
-    }
-#endif
 
     const float qk_scale = scale * kLog2e;
     // O^T: o[mt][0..1] = dim d(mt, g) of heads 2t, 2t + 1; o[mt][2..3] = dim d(mt, g + 8), with d(mt, r) the dim
@@ -474,7 +453,7 @@ __global__ void paged_decode_merge_kernel(T* __restrict__ out, int64_t out_strid
                                           const float* __restrict__ ws_l, const int* __restrict__ context_lens,
                                           int num_heads, DecodeSplit sp) {
     const int head = blockIdx.x, seq = blockIdx.y, d = threadIdx.x;
-    const int used = split_range(context_lens[seq], sp, split_hint(sp), 0).used;
+    const int used = split_range(context_lens[seq], sp, 0).used;
     const int num_splits = sp.num_splits;
     if (used == 1) return;  // the split kernel wrote this sequence's output
     const int64_t row0 = (static_cast<int64_t>(seq) * num_heads + head) * num_splits;
