@@ -61,6 +61,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("fused_add_rms_norm",
           [](at::Tensor x, at::Tensor r, at::Tensor w, double eps) { tc::fused_add_rms_norm(x, r, w, eps); });
     m.def("rotary", [](at::Tensor q, at::Tensor k, at::Tensor pos, at::Tensor cs) { tc::rotary(q, k, pos, cs); });
+    m.def("rotary_write_kv", [](at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor pos, at::Tensor cs,
+                                at::Tensor kc, at::Tensor vc, at::Tensor slots) {
+        tc::rotary_write_kv(q, k, v, pos, cs, kc, vc, slots);
+    });
     m.def("silu_mul", [](at::Tensor out, at::Tensor gu) { tc::silu_mul(out, gu); });
     m.def("sample",
           [](at::Tensor logits, at::Tensor t, at::Tensor k, at::Tensor p, at::Tensor mp, at::Tensor seeds,

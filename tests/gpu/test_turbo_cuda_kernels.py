@@ -414,6 +414,37 @@ def test_rotary(ops, dtype, pos_dtype, head_dim, rot_dim, cache_fp32, aligned):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("head_dim,rot_dim", [(64, 64), (128, 128), (128, 64)])
+@pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("aligned", [True, False], ids=["vec16", "scalar"])
+def test_rotary_write_kv(ops, dtype, pos_dtype, head_dim, rot_dim, slot_dtype, aligned):
+    """One kernel where rot_dim == head_dim, the rows are 16-byte aligned and the slots int64; the two kernels
+    otherwise. Either way: q and k rotated in place, the rotated k and v at their slots, padding slots skipped."""
+    t, hq, hk, bs, nb = 37, 8, 2, 16, 6
+    qkv = torch.randn(t, hq + 2 * hk, head_dim + (0 if aligned else 1), device="cuda", dtype=dtype)
+    qkv = qkv if aligned else qkv[..., 1:]
+    q, k, v = qkv[:, :hq], qkv[:, hq : hq + hk], qkv[:, hq + hk :]
+    pos = torch.randint(0, 4000, (t,), device="cuda").to(pos_dtype)
+    cache = _rope_cache(4096, rot_dim)
+    q_ref, k_ref, v_before = _rope_ref(q, pos, cache), _rope_ref(k, pos, cache), v.clone()
+    k_cache = torch.full((nb, bs, hk, head_dim), float("nan"), device="cuda", dtype=dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    slots = torch.randperm(nb * bs, device="cuda")[:t]
+    slots[[4, 17]] = -1
+    ops.rotary_write_kv(q, k, v, pos, cache, k_cache, v_cache, slots.to(slot_dtype))
+    torch.testing.assert_close(q.float(), q_ref, atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(k.float(), k_ref, atol=TOL[dtype], rtol=TOL[dtype])
+    assert torch.equal(v, v_before)
+    keep = slots >= 0
+    kc, vc = k_cache.view(-1, hk, head_dim), v_cache.view(-1, hk, head_dim)
+    assert torch.equal(kc[slots[keep]], k[keep]) and torch.equal(vc[slots[keep]], v[keep])
+    untouched = torch.ones(nb * bs, dtype=torch.bool, device="cuda")
+    untouched[slots[keep]] = False
+    assert kc[untouched].isnan().all() and vc[untouched].isnan().all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inter", [1536, 14336, 100])
 def test_silu_mul(ops, dtype, inter):
     gu = torch.randn(19, 2 * inter, device="cuda", dtype=dtype) * 3

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <string>
 
 #include "turbo/kernels/cpu/cpu_kernels.h"
 #ifdef TURBO_WITH_CUDA
@@ -147,6 +148,29 @@ void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
   if (on_cuda(k)) return turbo::cuda::write_kv(k, v, k_cache, v_cache, slot_mapping.contiguous());
 #endif
   cpu::write_kv(k, v, k_cache, v_cache, slot_mapping.contiguous());
+}
+
+void rotary_write_kv(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
+                     const RopeTables& rope, at::Tensor& k_cache, at::Tensor& v_cache,
+                     const at::Tensor& slot_mapping) {
+#ifdef TURBO_WITH_CUDA
+  // TURBO_ROTARY_WRITE_KV=0: the two kernels, for A/B runs.
+  static const bool fused = [] {
+    const char* env = std::getenv("TURBO_ROTARY_WRITE_KV");
+    return !(env && std::string(env) == "0");
+  }();
+  if (fused && on_cuda(q)) {
+    check_float(q, "q");
+    check_float(v, "v");
+    TORCH_CHECK(rope.cos_sin.defined() && rope.cos_sin.size(1) == q.size(2), "rotary: cos_sin must be [P, D]");
+    TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == k.size(0),
+                "write_kv: slot_mapping must be int64 [T]");
+    return turbo::cuda::rotary_write_kv(q, k, v, positions, rope.cos_sin, k_cache, v_cache,
+                                        slot_mapping.contiguous());
+  }
+#endif
+  rotary(q, k, positions, rope);
+  write_kv(k, v, k_cache, v_cache, slot_mapping);
 }
 
 void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

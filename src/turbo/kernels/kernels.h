@@ -31,6 +31,9 @@ at::Tensor silu_mul(const at::Tensor& gate_up);
 // k, v [T, KVH, D] strided views -> caches [NB, BS, KVH, D] at flat slots (int64 [T]; -1 = skip).
 void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
               const at::Tensor& slot_mapping);
+// rotary(q, k, positions, rope), then write_kv(k, v, k_cache, v_cache, slot_mapping): one kernel on CUDA.
+void rotary_write_kv(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
+                     const RopeTables& rope, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot_mapping);
 // Attention over the blocked cache for a batch of sequences, prefill chunks and decodes alike.
 //   q [T, H, D] (strided view), out [T, H, D] contiguous; block_tables int32 [S, max_blocks];
 //   cu_q_lens int32 [S+1] (query tokens of seq s are rows cu[s]..cu[s+1]); kv_lens int32 [S] (cached + new

@@ -127,8 +127,7 @@ at::Tensor LlamaModel::forward(const ForwardBatch& b, KVCache& kv) const {
       kernels::rms_norm(q, q, l.q_norm, cfg_.rms_norm_eps);
       kernels::rms_norm(k, k, l.k_norm, cfg_.rms_norm_eps);
     }
-    kernels::rotary(q, k, b.positions, rope_);
-    kernels::write_kv(k, v, kv.k[i], kv.v[i], b.slot_mapping);
+    kernels::rotary_write_kv(q, k, v, b.positions, rope_, kv.k[i], kv.v[i], b.slot_mapping);
     attend(attn, q, kv.k[i], kv.v[i], b, prefill_cu, scale, cfg_.sliding_window);
     x = l.o->forward(attn.view({T, H * D}));
     kernels::fused_add_rms_norm(x, residual, l.post_norm, cfg_.rms_norm_eps);

@@ -193,6 +193,12 @@ inline bool rows_aligned16(const at::Tensor& t) {
     return true;
 }
 
+// Host-side argument checks of rotary and write_kv (cuda_kernels.h), shared with rotary_write_kv.
+void check_rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                  const at::Tensor& cos_sin_cache);
+void check_write_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                    const at::Tensor& slot_mapping);
+
 // Host-side checks shared by the paged attention launchers (decode and prefill): q/out [rows, heads, head_dim]
 // with contiguous head rows, caches [blocks, block_size, kv_heads, head_dim], one dtype, head_dim 64 or 128.
 inline void check_paged_attention_args(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache,

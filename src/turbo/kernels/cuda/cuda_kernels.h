@@ -87,6 +87,12 @@ void fused_add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& w
 // or q's dtype); the first rot_dim dims of each head are rotated (rot_dim <= D).
 void rotary(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const at::Tensor& cos_sin_cache);
 
+// rotary(q, k, positions, cos_sin_cache) and then write_kv(k, v, k_cache, v_cache, slot_mapping), in one kernel
+// where rot_dim == head_dim, the rows are 16-byte aligned and slot_mapping is int64 (else the two kernels).
+void rotary_write_kv(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
+                     const at::Tensor& cos_sin_cache, at::Tensor& k_cache, at::Tensor& v_cache,
+                     const at::Tensor& slot_mapping);
+
 // out [T, I] = silu(gate) * up where gate_up [T, 2I] = [gate | up].
 void silu_mul(at::Tensor& out, const at::Tensor& gate_up);
 

@@ -50,8 +50,8 @@ bool ptr_aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.d
 
 }  // namespace
 
-void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
-              const at::Tensor& slot_mapping) {
+void check_write_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                    const at::Tensor& slot_mapping) {
     for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&k, &v, &k_cache, &v_cache, &slot_mapping})
         TURBO_CHECK_CUDA_TENSOR(*t);
     TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes(), "k and v must be [T, Hk, D]");
@@ -64,6 +64,11 @@ void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
                 "k, v and the caches must share a dtype");
     TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == k.size(0) && slot_mapping.is_contiguous(),
                 "slot_mapping must be [T]");
+}
+
+void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+              const at::Tensor& slot_mapping) {
+    check_write_kv(k, v, k_cache, v_cache, slot_mapping);
     if (k.size(0) == 0) return;
     const c10::cuda::CUDAGuard guard(k.device());
     const bool vec = aligned16(k) && aligned16(v) && ptr_aligned16(k_cache) && ptr_aligned16(v_cache);
