@@ -28,6 +28,19 @@ __global__ void rotary_kernel(T* __restrict__ q, int64_t q_stride_t, int64_t q_s
     }
 }
 
+// Rotates dims i..i+V of both halves: a holds x[i..], b holds x[half + i..]; cos and sin point at their entries.
+template <typename T, typename C>
+__device__ __forceinline__ void rotate_pieces(Vec16<T>& a, Vec16<T>& b, const C* __restrict__ cos,
+                                              const C* __restrict__ sin) {
+#pragma unroll
+    for (int e = 0; e < Vec16<T>::VEC; ++e) {
+        const float c = to_float<C>(__ldg(cos + e)), s = to_float<C>(__ldg(sin + e));
+        const float x1 = to_float<T>(a.v[e]), x2 = to_float<T>(b.v[e]);
+        a.v[e] = from_float<T>(x1 * c - x2 * s);
+        b.v[e] = from_float<T>(x2 * c + x1 * s);
+    }
+}
+
 template <typename T, typename C, typename index_t>
 __global__ void rotary_vec_kernel(T* __restrict__ q, int64_t q_stride_t, int64_t q_stride_h, int num_q_heads,
                                   T* __restrict__ k, int64_t k_stride_t, int64_t k_stride_h, int num_k_heads,
@@ -44,13 +57,7 @@ __global__ void rotary_vec_kernel(T* __restrict__ q, int64_t q_stride_t, int64_t
         Vec16<T> a, b;
         a.raw = *reinterpret_cast<const uint4*>(x + i);
         b.raw = *reinterpret_cast<const uint4*>(x + i + half);
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-            const float c = to_float<C>(__ldg(cs + i + e)), s = to_float<C>(__ldg(cs + half + i + e));
-            const float x1 = to_float<T>(a.v[e]), x2 = to_float<T>(b.v[e]);
-            a.v[e] = from_float<T>(x1 * c - x2 * s);
-            b.v[e] = from_float<T>(x2 * c + x1 * s);
-        }
+        rotate_pieces<T, C>(a, b, cs + i, cs + half + i);
         *reinterpret_cast<uint4*>(x + i) = a.raw;
         *reinterpret_cast<uint4*>(x + i + half) = b.raw;
     }
@@ -87,13 +94,7 @@ __global__ void rotary_write_kv_kernel(T* __restrict__ q, int64_t q_stride_t, in
         Vec16<T> a, b;
         a.raw = *reinterpret_cast<const uint4*>(x + i);
         b.raw = *reinterpret_cast<const uint4*>(x + i + half);
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-            const float c = to_float<C>(__ldg(cs + i + e)), s = to_float<C>(__ldg(cs + half + i + e));
-            const float x1 = to_float<T>(a.v[e]), x2 = to_float<T>(b.v[e]);
-            a.v[e] = from_float<T>(x1 * c - x2 * s);
-            b.v[e] = from_float<T>(x2 * c + x1 * s);
-        }
+        rotate_pieces<T, C>(a, b, cs + i, cs + half + i);
         *reinterpret_cast<uint4*>(x + i) = a.raw;
         *reinterpret_cast<uint4*>(x + i + half) = b.raw;
         if (is_k && slot >= 0) {
