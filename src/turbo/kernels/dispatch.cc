@@ -41,6 +41,26 @@ void check_float(const at::Tensor& t, const char* name) {
 }
 
 #ifdef TURBO_WITH_CUDA
+// The CUDA rotary kernels' tables: cos_sin [P, D] = [cos | sin].
+void check_cuda_rope(const at::Tensor& q, const RopeTables& rope) {
+  check_float(q, "q");
+  TORCH_CHECK(rope.cos_sin.defined() && rope.cos_sin.size(1) == q.size(2), "rotary: cos_sin must be [P, D]");
+}
+#endif
+
+void check_write_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                    const at::Tensor& slot_mapping) {
+  check_float(k, "k");
+  check_float(v, "v");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4,
+              "write_kv: caches must be contiguous [NB, BS, KVH, D]");
+  TORCH_CHECK(k.dim() == 3 && k.size(1) == k_cache.size(2) && k.size(2) == k_cache.size(3) && v.sizes() == k.sizes(),
+              "write_kv: k/v must be [T, KVH, D] matching the cache");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == k.size(0),
+              "write_kv: slot_mapping must be int64 [T]");
+}
+
+#ifdef TURBO_WITH_CUDA
 // The CUDA RMSNorm takes [T, D] with one row stride; other shapes go through a contiguous [rows, D] copy.
 void cuda_rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, double eps) {
   if (x.dim() == 2) {
@@ -112,8 +132,7 @@ void rotary(at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, c
 void rotary(at::Tensor& q, at::Tensor& k, const at::Tensor& positions, const RopeTables& rope) {
 #ifdef TURBO_WITH_CUDA
   if (on_cuda(q)) {
-    check_float(q, "q");
-    TORCH_CHECK(rope.cos_sin.defined() && rope.cos_sin.size(1) == q.size(2), "rotary: cos_sin must be [P, D]");
+    check_cuda_rope(q, rope);
     return turbo::cuda::rotary(q, k, positions, rope.cos_sin);
   }
 #endif
@@ -136,14 +155,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 
 void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
               const at::Tensor& slot_mapping) {
-  check_float(k, "k");
-  check_float(v, "v");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4,
-              "write_kv: caches must be contiguous [NB, BS, KVH, D]");
-  TORCH_CHECK(k.dim() == 3 && k.size(1) == k_cache.size(2) && k.size(2) == k_cache.size(3) && v.sizes() == k.sizes(),
-              "write_kv: k/v must be [T, KVH, D] matching the cache");
-  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == k.size(0),
-              "write_kv: slot_mapping must be int64 [T]");
+  check_write_kv(k, v, k_cache, v_cache, slot_mapping);
 #ifdef TURBO_WITH_CUDA
   if (on_cuda(k)) return turbo::cuda::write_kv(k, v, k_cache, v_cache, slot_mapping.contiguous());
 #endif
@@ -160,11 +172,8 @@ void rotary_write_kv(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at
     return !(env && std::string(env) == "0");
   }();
   if (fused && on_cuda(q)) {
-    check_float(q, "q");
-    check_float(v, "v");
-    TORCH_CHECK(rope.cos_sin.defined() && rope.cos_sin.size(1) == q.size(2), "rotary: cos_sin must be [P, D]");
-    TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == k.size(0),
-                "write_kv: slot_mapping must be int64 [T]");
+    check_cuda_rope(q, rope);
+    check_write_kv(k, v, k_cache, v_cache, slot_mapping);
     return turbo::cuda::rotary_write_kv(q, k, v, positions, rope.cos_sin, k_cache, v_cache,
                                         slot_mapping.contiguous());
   }
